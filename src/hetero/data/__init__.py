@@ -1,0 +1,1 @@
+"""Particle data: file readers, the particle table, datasets, samplers, synthetic data."""
