@@ -54,18 +54,26 @@ def ctf_from_frequencies(
     :return: ``(B, *S)`` if any parameter is batched, else ``S``.
     """
     ref = sx if sx.dtype == torch.float64 else sx.float()
-    sx, sy = ref, sy.to(ref.dtype)
-    params = [
-        _as(p, ref).to(ref.dtype)
-        for p in (
-            defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv,
-            spherical_aberration_mm, amplitude_contrast, phase_shift_deg, b_factor, scale,
-        )
-    ]
+    params = _params_like(
+        ref, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv,
+        spherical_aberration_mm, amplitude_contrast, phase_shift_deg, b_factor, scale,
+    )
     batched = any(p.dim() > 0 for p in params)
-    expand = (...,) + (None,) * sx.dim()
-    du, dv, ang, kv, cs, w, ps, bf, sc = (p[expand] if p.dim() > 0 else p for p in params)
+    expand = (...,) + (None,) * ref.dim()
+    ctf = _relion_ctf(ref, sy.to(ref.dtype), [p[expand] if p.dim() > 0 else p for p in params])
+    if batched and ctf.dim() == ref.dim():
+        ctf = ctf[None]
+    return ctf
 
+
+def _params_like(ref: Tensor, *values) -> list[Tensor]:
+    """CTF parameters as tensors on ``ref``'s device in ``ref``'s (float32/float64) dtype."""
+    return [_as(v, ref).to(ref.dtype) for v in values]
+
+
+def _relion_ctf(sx: Tensor, sy: Tensor, params: list[Tensor]) -> Tensor:
+    """The formula of :mod:`hetero.physics.conventions`; ``params`` broadcast against ``sx``."""
+    du, dv, ang, kv, cs, w, ps, bf, sc = params
     volts = kv * 1e3
     lam = WAVELENGTH_PREFACTOR / torch.sqrt(volts * (1.0 + volts * RELATIVISTIC_CORRECTION))
     s2 = sx**2 + sy**2
@@ -75,10 +83,7 @@ def ctf_from_frequencies(
     k2 = torch.pi / 2 * (cs * 1e7) * lam**3
     k3 = torch.atan(w / torch.sqrt(1 - w**2))
     chi = k1 * deltaf * s2 + k2 * s2**2 - torch.deg2rad(ps) - k3
-    ctf = -torch.sin(chi) * torch.exp(-bf / 4.0 * s2) * sc
-    if batched and ctf.dim() == sx.dim():
-        ctf = ctf[None]
-    return ctf
+    return -torch.sin(chi) * torch.exp(-bf / 4.0 * s2) * sc
 
 
 def compute_ctf(
@@ -109,12 +114,18 @@ def compute_ctf(
                 break
     sx, sy = frequency_grid_2d(box_size, 1.0, device=device, dtype=dtype)
     apix = torch.as_tensor(pixel_size_angstrom, device=device, dtype=dtype)
-    if apix.dim() > 0:
-        apix = apix[:, None, None]
-    return ctf_from_frequencies(
-        sx / apix, sy / apix, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg,
-        voltage_kv, spherical_aberration_mm, amplitude_contrast, phase_shift_deg, b_factor, scale,
+    args = (
+        defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv,
+        spherical_aberration_mm, amplitude_contrast, phase_shift_deg, b_factor, scale,
     )
+    if apix.dim() == 0:
+        return ctf_from_frequencies(sx / apix, sy / apix, *args)
+    # One pixel size per particle: the frequency grids are already (B, D, D), so (B,) parameters
+    # must line up with that batch axis rather than add a second one.
+    sx, sy = sx / apix[:, None, None], sy / apix[:, None, None]
+    ref = sx if sx.dtype == torch.float64 else sx.float()
+    params = [p[:, None, None] if p.dim() > 0 else p for p in _params_like(ref, *args)]
+    return _relion_ctf(ref, sy.to(ref.dtype), params)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hetero.physics.fourier import fft2_centered, ifft3_centered, phase_ramp_2d, radius_grid
-from hetero.physics.projection import insert_slices
+from hetero.physics.projection import gridding_correction, insert_slices
 
 
 class BackprojectionAccumulator:
@@ -95,7 +95,9 @@ class BackprojectionAccumulator:
         big = ifft3_centered(spec).real
         d, p = self.box_size, self.padded_size // 2 - self.box_size // 2
         vol = big[p : p + d, p : p + d, p : p + d]
-        return vol
+        # Dividing by the trilinearly spread weights leaves the spectrum convolved with the
+        # trilinear kernel, i.e. the map multiplied by sinc^2(x / P) per axis: undo it.
+        return vol / gridding_correction(d, self.padded_size, device=vol.device, dtype=vol.dtype)
 
 
 def backproject(

@@ -49,7 +49,13 @@ def matrix_to_euler(matrix: Tensor, eps: float = 1e-6) -> Tensor:
     """Inverse of :func:`euler_to_matrix` (RELION ``Euler_matrix2angles``).
 
     Returns tilt in ``[0, 180]`` and rot, psi in ``(-180, 180]``. At the gimbal-lock poles
-    (tilt = 0 or 180) rot is set to 0 and the whole in-plane angle goes to psi.
+    (``sin(tilt) <= eps``) rot is set to 0 and the whole in-plane angle goes to psi.
+
+    Near the poles the third row and column of ``A`` only carry ``rot`` and ``psi`` with a
+    relative accuracy ``machine_eps / sin(tilt)``, so ``psi`` is taken from the well-conditioned
+    sum ``psi + rot`` (tilt < 90) or difference ``psi - rot`` (tilt > 90) read off the upper-left
+    2x2 block. The round trip ``euler_to_matrix(matrix_to_euler(A))`` then reproduces ``A`` to
+    machine precision (up to ``eps`` right at the poles) also in float32.
 
     :param matrix: ``(..., 3, 3)`` rotation matrices.
     :return: ``(..., 3)`` angles ``(rot, tilt, psi)`` in degrees.
@@ -60,14 +66,13 @@ def matrix_to_euler(matrix: Tensor, eps: float = 1e-6) -> Tensor:
     tilt = torch.atan2(sin_tilt, cos_tilt)
     regular = sin_tilt > eps
     rot = torch.where(regular, torch.atan2(a[..., 2, 1], a[..., 2, 0]), torch.zeros_like(tilt))
-    psi_regular = torch.atan2(a[..., 1, 2], -a[..., 0, 2])
-    # At the poles A = Rz(psi ± rot) (tilt = 0) or a flipped variant (tilt = 180); put it in psi.
-    psi_pole = torch.where(
-        cos_tilt > 0,
-        torch.atan2(a[..., 0, 1], a[..., 0, 0]),
-        torch.atan2(a[..., 0, 1], -a[..., 0, 0]),
-    )
-    psi = torch.where(regular, psi_regular, psi_pole)
+    # Upper-left block: a00 + a11 = (1 + cos tilt) cos(psi + rot), a01 - a10 = (1 + cos tilt)
+    # sin(psi + rot); a11 - a00 = (1 - cos tilt) cos(psi - rot), a01 + a10 = (1 - cos tilt)
+    # sin(psi - rot). Use whichever pair has the larger prefactor.
+    psi_plus_rot = torch.atan2(a[..., 0, 1] - a[..., 1, 0], a[..., 0, 0] + a[..., 1, 1])
+    psi_minus_rot = torch.atan2(a[..., 0, 1] + a[..., 1, 0], a[..., 1, 1] - a[..., 0, 0])
+    psi = torch.where(cos_tilt >= 0, psi_plus_rot - rot, psi_minus_rot + rot)
+    psi = torch.atan2(torch.sin(psi), torch.cos(psi))  # wrap to (-pi, pi]
     return torch.rad2deg(torch.stack([rot, tilt, psi], -1))
 
 

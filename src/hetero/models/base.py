@@ -1,0 +1,89 @@
+"""The interface every ``hetero`` model implements, and what it shares.
+
+Training tasks build a model as ``instantiate(cfg.model, **datamodule.info())``, so every model
+takes the geometry of the data as keyword arguments (``box_size``, ``apix``, ``n_particles``,
+...). Analysis relies only on this interface:
+
+- ``latent_dim``: size of the per-particle latent (0 for the homogeneous model);
+- ``encode(batch) -> {"z_mu": (B, Z), "z_logstd": (B, Z)}``;
+- ``decode(z: (K, Z)) -> (K, T, T, T)`` volumes on the template grid, which covers the same
+  physical extent as the training box (voxel size :meth:`template_voxel_size`);
+- ``predict_step`` returns ``{"index", "z_mu", "z_logstd"}`` for the inference pass.
+
+Optimiser and scheduler arrive as Hydra partials (``_partial_: true``) and are not stored in
+the checkpoint's hyper-parameters, so checkpoints load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from hetero.models.components.renderer import Renderer, has_ctf, recenter_images
+
+
+class HeteroModel(L.LightningModule):
+    """Base LightningModule: geometry, renderer, optimiser wiring, the analysis interface.
+
+    :param box_size: training image box ``D`` (pixels).
+    :param apix: pixel size of the training box (Å).
+    :param template_size: side ``T`` of the decoded volume (default ``D``).
+    :param optimizer: partial ``torch.optim`` constructor taking the parameters.
+    :param scheduler: partial LR scheduler constructor taking the optimiser, or ``None``.
+    """
+
+    latent_dim: int = 0
+
+    def __init__(
+        self,
+        box_size: int,
+        apix: float,
+        template_size: int | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        **data_info,
+    ) -> None:
+        super().__init__()
+        self.box_size = int(box_size)
+        self.apix = float(apix)
+        self.template_size = int(template_size or box_size)
+        self.data_info = {k: v for k, v in data_info.items() if isinstance(v, int | float | bool | str)}
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = scheduler
+        self.renderer = Renderer(self.box_size, self.template_size)
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def template_voxel_size(self) -> float:
+        """Voxel size of decoded volumes (Å): the template spans the training box."""
+        return self.apix * self.box_size / self.template_size
+
+    # ------------------------------------------------------------------ helpers
+    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """Particle images recentred by their consensus origin, float32 ``(B, D, D)``."""
+        return recenter_images(batch["image"].float(), batch["origin_px"].float())
+
+    def render(self, volumes: Tensor, rotations: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Centred model images of ``volumes`` at ``rotations`` with the batch's CTF."""
+        ctf = batch["ctf"] if has_ctf(batch["ctf"]) else None
+        return self.renderer(volumes, rotations, ctf, batch["apix"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
+        out = self.encode(batch)
+        return {"index": batch["index"], "z_mu": out["z_mu"].float(), "z_logstd": out["z_logstd"].float()}
+
+    def configure_optimizers(self):
+        factory = self._optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
+        optimizer = factory(self.parameters())
+        if self._scheduler_factory is None:
+            return optimizer
+        scheduler = self._scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

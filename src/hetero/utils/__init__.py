@@ -1,0 +1,1 @@
+"""Task utilities: rank-aware logging, instantiation from config, run files."""

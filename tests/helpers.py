@@ -1,0 +1,61 @@
+"""Config composition helpers for task-level tests (LHT style: compose + open_dict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A tiny synthetic dataset shared by task tests (generated once per test session).
+TINY_DATA = [
+    "data.particles.n_particles=400",
+    "data.particles.box_size=32",
+    "data.particles.pixel_size_angstrom=5.0",
+    "data.particles.n_states=2",
+    "data.particles.snr=1.0",
+    "data.box_size=24",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "data.norm_sample_size=100",
+    "data.val_fraction=0.1",
+]
+
+# Narrow OPUS-DSD networks so a CPU step takes well under a second at box 24.
+TINY_OPUSDSD = [
+    "model=opusdsd",
+    "model.template_size=16",
+    "model.encoder_channels=[4,8,8]",
+    "model.decoder_channels=[16,8,8,4]",
+    "model.fc_width=32",
+    "model.decoder_fc_width=32",
+]
+
+
+def compose_train(output_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+    """The training config with CPU/quiet defaults and ``paths.output_dir`` set."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=False,
+            overrides=[
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                "callbacks.progress_bar=null",
+                "extras.print_config=false",
+                "predict=false",
+                *TINY_DATA,
+                *(overrides or []),
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.work_dir = str(Path.cwd())
+    return cfg
