@@ -25,7 +25,11 @@ from hetero.physics.fourier import frequency_grid_2d
 
 
 def _as(x, ref: Tensor) -> Tensor:
-    t = torch.as_tensor(x, device=ref.device)
+    if not isinstance(x, Tensor):
+        # Python/numpy numbers go straight to the working dtype: a detour through torch's
+        # default float32 would round them (e.g. Q = 0.1) before a float64 evaluation.
+        return torch.as_tensor(x, device=ref.device, dtype=ref.dtype)
+    t = x.to(ref.device)
     if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
         t = t.to(torch.float32)
     return t

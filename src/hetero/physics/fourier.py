@@ -79,8 +79,10 @@ def fourier_crop_2d(images: Tensor, new_size: int) -> Tensor:
     """Resample ``(..., D, D)`` real images to ``(..., d, d)`` by Fourier cropping (d <= D) or
     zero-padding (d > D), keeping the physical extent: the pixel size becomes ``apix * D / d``.
 
-    Amplitudes are scaled by ``(d / D)^2`` so pixel values (densities integrated over a pixel
-    column) keep their scale per unit area, as RELION's downscaling does.
+    Fourier amplitudes are scaled by ``(d / D)^2`` (undoing the change of FFT normalisation), so
+    pixel *values* keep their scale: a constant image keeps its value, the image mean is
+    unchanged and the image sum scales by ``(d / D)^2``. For a band-limited image, cropping
+    ``D -> D/2`` returns exactly every second pixel (``img[..., ::2, ::2]``).
     """
     size = images.shape[-1]
     if new_size == size:

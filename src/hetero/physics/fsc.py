@@ -76,9 +76,9 @@ def fsc_resolution(
 
 
 def fsc_auc(curve: Tensor, box_size: int) -> float:
-    """CryoBench's area under the FSC curve: trapezoid over shells ``1 .. D/2 - 1`` against
-    frequency ``k / D`` (cycles/pixel), with ``FSC[0] := 1`` and ``|FSC|``.
-    Identical maps give ``(D/2 - 1) / D``."""
+    """CryoBench's area under the FSC curve: trapezoid of ``|FSC|`` over shells ``0 .. D/2 - 1``
+    (the Nyquist shell ``D/2`` is left out) against frequency ``k / D`` (cycles/pixel), with
+    ``FSC[0] := 1``. Identical maps give ``(D/2 - 1) / D``."""
     c = curve.detach().cpu().double().abs().clone()
     n = box_size // 2
     c = c[:n]

@@ -63,13 +63,15 @@ def soft_mask_from_volume(
     binary = dilate(binary, extend_px)
     if soft_edge_px <= 0:
         return binary
-    # Distance to the binary region, approximated by successive dilations (exact on the grid
-    # to within one voxel, good enough for an edge of a few pixels).
+    # Euclidean distance to the binary region, rounded up to whole voxels: the shell reached by
+    # a dilation with a ball of radius `step` but not `step - 1`. (Repeated one-voxel dilations
+    # would measure city-block distance and make the edge ~sqrt(3) times narrower along the
+    # cube diagonals than along the axes.)
     mask = binary.clone()
-    current = binary
+    previous = binary
     for step in range(1, soft_edge_px + 1):
-        grown = dilate(current, 1)
-        shell = (grown - current).clamp(min=0)
+        grown = dilate(binary, step)
+        shell = (grown - previous).clamp(min=0)
         mask = mask + shell * 0.5 * (1 + math.cos(math.pi * step / (soft_edge_px + 1)))
-        current = grown
+        previous = grown
     return mask.clamp(0, 1)

@@ -81,6 +81,12 @@ class BackprojectionAccumulator:
             (``inf``: none; voxels with weight below ``min_weight`` are then set to zero).
         :param min_weight: relative threshold (fraction of the median non-zero weight) below
             which a Fourier voxel counts as unmeasured.
+
+        Known limitation: the ``D``-sized slices do not sample the padded grid's fractional
+        frequencies ``|k| < 1`` (in units of ``1 / (D * apix)``); those voxels are filled from
+        neighbours at ``|k| ~ 1``, and the resulting low-frequency error partly falls outside the
+        cropped box. Voxel values and the FSC are right, but the total density of a map whose
+        mass sits far off-centre comes out low (see ``tests/physics/test_reconstruction.py``).
         """
         weight = self.weight
         nz = weight[weight > 0]
