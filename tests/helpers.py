@@ -11,12 +11,14 @@ from omegaconf import DictConfig, open_dict
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # A tiny synthetic dataset shared by task tests (generated once per test session).
-TINY_DATA = [
+TINY_PARTICLES = [
     "data.particles.n_particles=400",
     "data.particles.box_size=32",
     "data.particles.pixel_size_angstrom=5.0",
     "data.particles.n_states=2",
     "data.particles.snr=1.0",
+]
+TINY_DATA = [
     "data.box_size=24",
     "data.batch_size=16",
     "data.num_workers=0",
@@ -36,8 +38,13 @@ TINY_OPUSDSD = [
 ]
 
 
-def compose_train(output_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """The training config with CPU/quiet defaults and ``paths.output_dir`` set."""
+def compose_train(
+    output_dir: Path, overrides: list[str] | None = None, tiny_synthetic: bool = True
+) -> DictConfig:
+    """The training config with CPU/quiet defaults and ``paths.output_dir`` set.
+
+    ``tiny_synthetic`` shrinks the built-in synthetic dataset (only valid with ``data=synthetic``).
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
@@ -48,9 +55,10 @@ def compose_train(output_dir: Path, overrides: list[str] | None = None) -> DictC
                 "trainer.max_epochs=1",
                 "trainer.enable_progress_bar=false",
                 "trainer.enable_model_summary=false",
-                "callbacks.progress_bar=null",
+                "++callbacks.progress_bar=null",
                 "extras.print_config=false",
                 "predict=false",
+                *(TINY_PARTICLES if tiny_synthetic else []),
                 *TINY_DATA,
                 *(overrides or []),
             ],

@@ -26,7 +26,7 @@ def test_data_configs_instantiate(tmp_path, option):
     overrides = [f"data={option}"]
     if option == "custom":
         overrides.append("data.particles=/nonexistent/particles.star")
-    cfg = compose_train(tmp_path, overrides)
+    cfg = compose_train(tmp_path, overrides, tiny_synthetic=option == "synthetic")
     dm = hydra.utils.instantiate(cfg.data)
     assert dm.batch_size == cfg.data.batch_size
 

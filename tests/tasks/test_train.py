@@ -13,7 +13,7 @@ import torch
 from omegaconf import open_dict
 
 from hetero.tasks.train import train
-from tests.helpers import TINY_DATA, TINY_OPUSDSD, compose_train
+from tests.helpers import TINY_DATA, TINY_OPUSDSD, TINY_PARTICLES, compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {"homogeneous": [], "opusdsd": TINY_OPUSDSD}
@@ -74,7 +74,7 @@ def test_multirun_subprocess(tmp_path):
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m", "trainer=cpu", "trainer.fast_dev_run=true",
         "extras.print_config=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-        "data.split_seed=0,1", f"hydra.sweep.dir={tmp_path}", *TINY_DATA,
+        "data.split_seed=0,1", f"hydra.sweep.dir={tmp_path}", *TINY_PARTICLES, *TINY_DATA,
     ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,7 +88,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    cfg = compose_train(tmp_path, ["logger=wandb", "trainer.fast_dev_run=true"])
+    # fast_dev_run swaps loggers for a dummy, so run two real steps instead.
+    cfg = compose_train(
+        tmp_path,
+        ["logger=wandb", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"],
+    )
     from hetero.tasks.train import run
 
     run(cfg)

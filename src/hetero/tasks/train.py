@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         write_json(output_dir / "data_info.json", info)
     n_params = sum(p.numel() for p in model.parameters())
     for logger in trainer.loggers:
-        logger.log_hyperparameters(
+        logger.log_hyperparams(
             {**OmegaConf.to_container(cfg, resolve=True), "model/params": n_params}
         )
 

@@ -1,0 +1,520 @@
+"""The LightningDataModule every model trains on: read, validate, split, normalise, batch.
+
+:class:`ParticleDataModule` takes only plain values (Hydra builds it from ``conf/data/*.yaml``).
+The training task calls ``dm.prepare_data(); dm.setup("fit"); info = dm.info()`` and builds
+the model from ``info``; Lightning calls ``setup`` again later, which is then a no-op.
+
+What ``setup`` does, once:
+
+1. ``particles.ensure()`` when ``particles`` is a dataset spec (synthetic / published), then
+   :func:`~hetero.data.io.readers.read_particles` -> :attr:`ParticleDataModule.table`.
+2. Pixel check on a small sample (NaN/inf -> :class:`~hetero.data.io.errors.InputError` naming
+   the stack and image index); poses are required by the ``healpix`` sampler.
+3. Half sets: the table's own (``rlnRandomSubset``) when present, else a seeded random 50/50
+   split (``half_sets_seed``). Train/validation split: a seeded random ``val_fraction`` of the
+   particles (``split_seed``). Both are saved to ``split_file`` (``.npz``) and reused from it
+   when it exists (resume, analysis), after checking it matches the particle table.
+4. Normalisation: ``scale = 1 / std`` of the raw pixels of up to ``norm_sample_size``
+   training images *after* Fourier cropping to ``box_size``; ``mean`` stays 0 (the CTF/DC
+   image model needs unshifted images). Saved in the split file and in ``state_dict``.
+
+DDP: the trainer must use ``use_distributed_sampler=False``; the batch samplers of
+:mod:`hetero.data.samplers` shard by ``trainer.global_rank`` / ``trainer.world_size``.
+
+Example usage::
+
+    dm = ParticleDataModule("run_data.star", box_size=128, split_file="out/split.npz")
+    dm.prepare_data(); dm.setup("fit")
+    model = MyModel(**dm.info())
+    trainer.fit(model, datamodule=dm)
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hetero.data.dataset import ParticleDataset, collate_particles, estimate_normalization
+from hetero.data.io.errors import InputError
+from hetero.data.io.readers import read_particles, validate_pixels
+from hetero.data.particles import ParticleTable
+from hetero.data.samplers import (
+    HealpixBatchSampler,
+    RandomBatchSampler,
+    SequentialShardBatchSampler,
+)
+from hetero.utils.files import atomic_write
+from hetero.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__)
+
+__all__ = ["ParticleDataModule", "SAMPLERS"]
+
+SAMPLERS = ("healpix", "random")
+#: Images checked for NaN/inf at setup (in addition to the normalisation sample).
+PIXEL_CHECK_SAMPLE = 64
+
+
+class ParticleDataModule(L.LightningDataModule):
+    """Particles of one consensus refinement, as training/validation/prediction loaders.
+
+    :param particles: path of a ``.star`` / ``.cs`` / ``.mrcs`` / ``.txt`` input, or an object
+        with ``ensure() -> str`` returning such a path (its ``truth_dir`` attribute, if any, is
+        exposed as :attr:`truth_dir`; its ``check(box, apix, n)``, if any, is called).
+    :param datadir: folder to resolve image names against when the stacks were moved.
+    :param poses: cryoDRGN pose pickle (for stack inputs without metadata).
+    :param ctf: cryoDRGN CTF pickle (for stack inputs without metadata).
+    :param pixel_size_angstrom: pixel size (Å) for stack inputs whose header lacks it.
+    :param box_size: training box in pixels (Fourier crop on the fly); ``None`` = original.
+    :param invert_contrast: flip the sign of black-density inputs.
+    :param normalize: scale images to unit standard deviation (estimated on a sample).
+    :param norm_sample_size: number of training images the standard deviation is taken on.
+    :param val_fraction: fraction of particles held out for validation (seeded).
+    :param split_seed: seed of the train/validation split and of the normalisation sample.
+    :param split_file: ``.npz`` where the split, half sets and normalisation are saved; reused
+        when it exists (must match the particle table).
+    :param batch_size: particles per batch and per rank during training.
+    :param val_batch_size: batch size of validation/prediction (default ``batch_size``).
+    :param num_workers: DataLoader worker processes per loader and rank.
+    :param pin_memory: pin host memory of batches (GPU training).
+    :param persistent_workers: keep workers alive between epochs (only if ``num_workers > 0``).
+    :param sampler: ``"healpix"`` (one projection class per batch; needs poses) or ``"random"``.
+    :param healpix_nside: HEALPix resolution of the projection classes (2 -> 48 classes).
+    :param sampler_seed: seed of the per-epoch batch shuffles.
+    :param half_sets_seed: seed of the random half sets (when the input has none).
+    :param root: data root folder; only used by config interpolation, kept for provenance.
+    """
+
+    def __init__(
+        self,
+        particles: Any,
+        datadir: str | None = None,
+        poses: str | None = None,
+        ctf: str | None = None,
+        pixel_size_angstrom: float | None = None,
+        box_size: int | None = None,
+        invert_contrast: bool = False,
+        normalize: bool = True,
+        norm_sample_size: int = 1000,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        split_file: str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        sampler: str = "healpix",
+        healpix_nside: int = 2,
+        sampler_seed: int = 0,
+        half_sets_seed: int = 0,
+        root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.particles = particles
+        self.datadir = datadir
+        self.poses = poses
+        self.ctf = ctf
+        self.pixel_size_angstrom = pixel_size_angstrom
+        self.box_size = None if box_size is None else int(box_size)
+        self.invert_contrast = bool(invert_contrast)
+        self.normalize = bool(normalize)
+        self.norm_sample_size = int(norm_sample_size)
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.split_file = None if split_file in (None, "") else str(split_file)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size else self.batch_size
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.sampler = sampler
+        self.healpix_nside = int(healpix_nside)
+        self.sampler_seed = int(sampler_seed)
+        self.half_sets_seed = int(half_sets_seed)
+        self.root = root
+        #: ground-truth folder of a synthetic dataset (``None`` for real data)
+        self.truth_dir = getattr(particles, "truth_dir", None)
+
+        #: the full particle table (input order), with the half sets in use; set by ``setup``
+        self.table: ParticleTable | None = None
+        self.particles_path: str | None = None
+        self.train_indices: np.ndarray | None = None
+        self.val_indices: np.ndarray | None = None
+        self.half_sets_source: str | None = None  # "input" | "random"
+        self.norm_mean = 0.0
+        #: multiplies raw (cropped) pixels: ``1 / std`` when ``normalize`` else 1
+        self.norm_scale = 1.0
+        self.train_dataset: ParticleDataset | None = None
+        self.val_dataset: ParticleDataset | None = None
+        self._predict_dataset: ParticleDataset | None = None
+        self._pending_state: dict | None = None
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Generate / check the input (``particles.ensure()``); reads no pixels."""
+        self._resolve_particles()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the table, split, normalise and build datasets (idempotent: runs once)."""
+        if self.table is not None:
+            return
+        path = self._resolve_particles()
+        table = read_particles(
+            path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
+            pixel_size_angstrom=self.pixel_size_angstrom,
+        )
+        n = len(table)
+        if n == 0:
+            raise InputError(f"{path}: the particle selection is empty (0 particles)")
+        if self.sampler == "healpix" and table.rotations is None:
+            raise InputError(
+                f"{path}: no poses (orientations) found, but data.sampler=healpix groups "
+                "particles by projection direction; give a consensus refinement with angles "
+                "(or data.poses=<cryoDRGN pose pickle>) or use data/sampler=random"
+            )
+        validate_pixels(table, min(PIXEL_CHECK_SAMPLE, n))
+        box = self.box_size or table.box_size
+        if box > table.box_size:
+            log.warning(
+                f"data.box_size={box} is larger than the images ({table.box_size} px): images are "
+                "zero-padded in Fourier space (no information gained)"
+            )
+        apix_values = np.unique(table.pixel_size_angstrom)
+        if len(apix_values) > 1:
+            log.warning(
+                f"{path}: {len(apix_values)} different pixel sizes {apix_values.tolist()}; batches "
+                "carry per-particle apix, info() reports the most common one"
+            )
+        check = getattr(self.particles, "check", None)
+        if callable(check):
+            check(table.box_size, self._mode(table.pixel_size_angstrom), n)
+
+        saved = self._load_split_file(table)
+        if saved is not None:
+            train, val, halves, source = saved["train"], saved["val"], saved["halves"], saved["source"]
+        else:
+            train, val = self._make_split(n)
+            halves, source = self._make_half_sets(table)
+        self.table = replace(table, half_set=np.asarray(halves, dtype=np.int8))
+        self.half_sets_source = source
+        self.train_indices, self.val_indices = train, val
+        self.particles_path = path
+
+        norm = None
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._apply_state(state)
+            norm = (self.norm_mean, self.norm_scale)
+        elif saved is not None and saved.get("norm") is not None:
+            norm = saved["norm"]
+        if norm is None:
+            norm = self._estimate_norm()
+        self.norm_mean, self.norm_scale = float(norm[0]), float(norm[1])
+        self._build_datasets()
+        self._save_split_file()
+        log.info(
+            f"{n} particles from {path}: {len(train)} train / {len(val)} val, half sets from "
+            f"{source}, box {table.box_size} -> {box} px, norm scale {self.norm_scale:.4g}"
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Plain geometry/count values models are built from (valid after ``setup``).
+
+        Keys: ``n_particles, n_train, n_val, original_box, original_apix, box_size, apix,
+        has_poses, has_ctf``; ``apix = original_apix * original_box / box_size`` (Å/px; the most
+        common pixel size when optics groups differ).
+        """
+        if self.table is None:
+            raise RuntimeError("ParticleDataModule.info() needs setup() first")
+        original_box = int(self.table.box_size)
+        box = int(self.box_size or original_box)
+        apix0 = self._mode(self.table.pixel_size_angstrom)
+        return {
+            "n_particles": len(self.table),
+            "n_train": len(self.train_indices),
+            "n_val": len(self.val_indices),
+            "original_box": original_box,
+            "original_apix": apix0,
+            "box_size": box,
+            "apix": apix0 * original_box / box,
+            "has_poses": self.table.rotations is not None,
+            "has_ctf": self.table.ctf is not None,
+        }
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, dataset: ParticleDataset, batch_sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate_particles,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def make_train_batch_sampler(self, rank: int = 0, world_size: int = 1):
+        """The training batch sampler for one rank (``data.sampler``, seeded by ``sampler_seed``)."""
+        self._require_setup()
+        if self.sampler == "healpix":
+            return HealpixBatchSampler(
+                self.train_dataset.pose_classes, self.batch_size, world_size, rank,
+                seed=self.sampler_seed,
+            )
+        return RandomBatchSampler(
+            len(self.train_dataset), self.batch_size, world_size, rank, seed=self.sampler_seed
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of training particles for this rank (``set_epoch`` via Lightning)."""
+        self._require_setup()
+        rank, world = self._rank_world()
+        if world > 1 and getattr(
+            getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False
+        ):
+            raise ValueError(
+                "ParticleDataModule shards batches itself: build the Trainer with "
+                "use_distributed_sampler=False"
+            )
+        return self._loader(self.train_dataset, self.make_train_batch_sampler(rank, world))
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation particles in index order, one contiguous shard per rank."""
+        self._require_setup()
+        rank, world = self._rank_world()
+        sampler = SequentialShardBatchSampler(len(self.val_dataset), self.val_batch_size, world, rank)
+        return self._loader(self.val_dataset, sampler)
+
+    @property
+    def predict_dataset(self) -> ParticleDataset:
+        """All particles in input order (built on first use)."""
+        self._require_setup()
+        if self._predict_dataset is None:
+            self._predict_dataset = self._dataset(None)
+        return self._predict_dataset
+
+    def predict_dataloader(self, shard: bool | None = None) -> DataLoader:
+        """ALL particles in input order (``batch["index"]`` = table row), contiguous batches.
+
+        :param shard: split the particles into one contiguous shard per DDP rank. Default:
+            only while the attached trainer is running ``trainer.predict`` (Lightning gathers
+            per rank); a direct call (e.g. a rank-0 encoding pass after ``fit``) gets all
+            particles.
+        """
+        if shard is None:
+            shard = self.trainer is not None and bool(getattr(self.trainer, "predicting", False))
+        rank, world = self._rank_world() if shard else (0, 1)
+        sampler = SequentialShardBatchSampler(
+            len(self.predict_dataset), self.val_batch_size, world, rank
+        )
+        return self._loader(self.predict_dataset, sampler)
+
+    # -- state (checkpoint) -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Split, half sets and normalisation (tensors and plain numbers: safe for
+        ``torch.load(weights_only=True)``)."""
+        if self.table is None:
+            return {}
+        return {
+            "n_particles": len(self.table),
+            "fingerprint": _fingerprint(self.table),
+            "train_indices": torch.from_numpy(self.train_indices.copy()),
+            "val_indices": torch.from_numpy(self.val_indices.copy()),
+            "half_sets": torch.from_numpy(np.asarray(self.table.half_set, np.int8).copy()),
+            "half_sets_source": self.half_sets_source,
+            "norm_mean": self.norm_mean,
+            "norm_scale": self.norm_scale,
+            "box_size": int(self.box_size or self.table.box_size),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the split and normalisation of a checkpoint (before or after ``setup``)."""
+        if not state_dict:
+            return
+        if self.table is None:
+            self._pending_state = dict(state_dict)
+            return
+        self._apply_state(state_dict)
+        self._build_datasets()
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        n = len(self.table)
+        if int(state["n_particles"]) != n:
+            raise InputError(
+                f"checkpoint data state is for {int(state['n_particles'])} particles but "
+                f"{self.particles_path or self.table.source} has {n}: resume with the same input"
+            )
+        box = int(self.box_size or self.table.box_size)
+        if int(state.get("box_size", box)) != box:
+            raise InputError(
+                f"checkpoint was trained at box {int(state['box_size'])} px but data.box_size "
+                f"gives {box} px: resume with the same data.box_size"
+            )
+        self.train_indices = _as_numpy(state["train_indices"])
+        self.val_indices = _as_numpy(state["val_indices"])
+        self.table.half_set = _as_numpy(state["half_sets"]).astype(np.int8)
+        self.half_sets_source = str(state.get("half_sets_source", self.half_sets_source))
+        self.norm_mean = float(state["norm_mean"])
+        self.norm_scale = float(state["norm_scale"])
+
+    # -- internals ----------------------------------------------------------------------------
+    def _resolve_particles(self) -> str:
+        ensure = getattr(self.particles, "ensure", None)
+        path = ensure() if callable(ensure) else self.particles
+        if path is None or str(path) == "":
+            raise InputError("data.particles is not set: give a .star/.cs/.mrcs/.txt path")
+        self.truth_dir = getattr(self.particles, "truth_dir", self.truth_dir)
+        return str(path)
+
+    def _require_setup(self) -> None:
+        if self.table is None:
+            raise RuntimeError("ParticleDataModule: call setup() first")
+
+    @staticmethod
+    def _mode(values: np.ndarray) -> float:
+        uniq, counts = np.unique(np.asarray(values, dtype=np.float64), return_counts=True)
+        return float(uniq[np.argmax(counts)])
+
+    def _dataset(self, indices: np.ndarray | None) -> ParticleDataset:
+        return ParticleDataset(
+            self.table, box_size=self.box_size, indices=indices,
+            invert_contrast=self.invert_contrast, scale=self.norm_scale, mean=self.norm_mean,
+            healpix_nside=self.healpix_nside,
+        )
+
+    def _build_datasets(self) -> None:
+        self.train_dataset = self._dataset(self.train_indices)
+        self.val_dataset = self._dataset(self.val_indices)
+        self._predict_dataset = None
+
+    def _make_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n_val = int(round(self.val_fraction * n))
+        n_val = min(n_val, n - 1)
+        perm = np.random.default_rng(self.split_seed).permutation(n)
+        return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+    def _make_half_sets(self, table: ParticleTable) -> tuple[np.ndarray, str]:
+        if table.half_set is not None:
+            return np.asarray(table.half_set, dtype=np.int8), "input"
+        n = len(table)
+        perm = np.random.default_rng(self.half_sets_seed).permutation(n)
+        halves = np.zeros(n, dtype=np.int8)
+        halves[perm[n // 2 :]] = 1
+        return halves, "random"
+
+    def _estimate_norm(self) -> tuple[float, float]:
+        if not self.normalize:
+            return 0.0, 1.0
+        probe = ParticleDataset(self.table, box_size=self.box_size, indices=self.train_indices)
+        _, std = estimate_normalization(probe, self.norm_sample_size, seed=self.split_seed)
+        if not std > 0:
+            raise InputError(
+                f"{self.particles_path}: the sampled images are constant (std 0); cannot "
+                "normalise them (are the stacks empty?)"
+            )
+        return 0.0, 1.0 / std
+
+    def _load_split_file(self, table: ParticleTable) -> dict | None:
+        if not self.split_file or not Path(self.split_file).is_file():
+            return None
+        with np.load(self.split_file, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+        n = len(table)
+        saved_n = int(data["n_particles"])
+        if saved_n != n:
+            raise InputError(
+                f"split file {self.split_file} was made for {saved_n} particles but "
+                f"{table.source or 'the input'} has {n}; delete it or set data.split_file to a "
+                "new path"
+            )
+        if "fingerprint" in data and int(data["fingerprint"]) != _fingerprint(table):
+            raise InputError(
+                f"split file {self.split_file} was made for a different particle list "
+                f"(same count {n}, different image indices); delete it or set data.split_file"
+            )
+        train = data["train_indices"].astype(np.int64)
+        val = data["val_indices"].astype(np.int64)
+        both = np.concatenate([train, val])
+        if both.size != n or np.unique(both).size != n or both.min() < 0 or both.max() >= n:
+            raise InputError(
+                f"split file {self.split_file} is inconsistent: train+val must cover each of the "
+                f"{n} particles exactly once"
+            )
+        if abs(float(data.get("val_fraction", self.val_fraction)) - self.val_fraction) > 1e-12:
+            log.warning(
+                f"split file {self.split_file} was made with val_fraction="
+                f"{float(data['val_fraction'])}; reusing it (data.val_fraction={self.val_fraction} "
+                "ignored)"
+            )
+        box = int(self.box_size or table.box_size)
+        norm = None
+        if (
+            "norm_scale" in data
+            and int(data.get("norm_box_size", -1)) == box
+            and bool(data.get("normalize", self.normalize)) == self.normalize
+        ):
+            norm = (float(data["norm_mean"]), float(data["norm_scale"]))
+        log.info(f"Reusing the train/val split and half sets of {self.split_file}")
+        return {
+            "train": train,
+            "val": val,
+            "halves": data["half_sets"].astype(np.int8),
+            "source": str(data.get("half_sets_source", "input")),
+            "norm": norm,
+        }
+
+    def _save_split_file(self) -> None:
+        if not self.split_file:
+            return
+        arrays = {
+            "n_particles": np.int64(len(self.table)),
+            "fingerprint": np.int64(_fingerprint(self.table)),
+            "train_indices": self.train_indices,
+            "val_indices": self.val_indices,
+            "half_sets": np.asarray(self.table.half_set, np.int8),
+            "half_sets_source": np.str_(self.half_sets_source),
+            "val_fraction": np.float64(self.val_fraction),
+            "split_seed": np.int64(self.split_seed),
+            "half_sets_seed": np.int64(self.half_sets_seed),
+            "normalize": np.bool_(self.normalize),
+            "norm_mean": np.float64(self.norm_mean),
+            "norm_scale": np.float64(self.norm_scale),
+            "norm_box_size": np.int64(self.box_size or self.table.box_size),
+            "source": np.str_(self.particles_path or ""),
+        }
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        atomic_write(self.split_file, write)
+
+
+def _fingerprint(table: ParticleTable) -> int:
+    """CRC32 of the image indices: tells particle lists of equal length apart."""
+    return zlib.crc32(np.ascontiguousarray(table.image_indices, dtype=np.int64).tobytes())
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

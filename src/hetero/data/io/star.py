@@ -1,0 +1,576 @@
+"""RELION STAR particle files (3.0 single block, 3.1+ optics + particles) <-> ParticleTable.
+
+Conventions follow :mod:`hetero.physics.conventions` (RELION is the contract):
+
+- ``rlnAngleRot/Tilt/Psi`` (degrees) -> ``A = Rz(psi) Ry(tilt) Rz(rot)`` (passive ZYZ).
+- ``rlnOriginXAngst/YAngst`` (3.1+, Å) are divided by the particle's optics-group pixel size;
+  ``rlnOriginX/Y`` (3.0) are already pixels. Both give ``origins_px``.
+- CTF columns (``rlnDefocusU/V`` Å, ``rlnDefocusAngle`` deg, ``rlnVoltage`` kV,
+  ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``, ``rlnPhaseShift`` deg,
+  ``rlnCtfBfactor`` Å^2, ``rlnCtfScalefactor``) go into a ``(N, 9)`` table in
+  :data:`hetero.physics.ctf.CTF_COLUMNS` order; in 3.1+ files voltage, Cs and amplitude
+  contrast come from the particle's optics group.
+- ``rlnImageName = idx@stack`` with a 1-based ``idx`` -> 0-based ``image_indices``.
+- ``rlnRandomSubset`` 1/2 -> ``half_set`` 0/1.
+
+Example usage::
+
+    table = read_star("Refine3D/job012/run_data.star", datadir="/data/Extract")
+    write_star("subset.star", table, indices=np.arange(100))   # RELION 3.1 star
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+from hetero.data.io._paths import default_bases, resolve_column
+from hetero.data.io.errors import InputError, MissingFileError
+from hetero.data.io.mrc import ImageStack
+from hetero.data.particles import ParticleTable
+from hetero.physics.rotations import euler_to_matrix, matrix_to_euler
+from hetero.utils.files import atomic_write
+
+#: Columns read as text (never converted to numbers by the STAR parser).
+STRING_COLUMNS = [
+    "rlnImageName",
+    "rlnMicrographName",
+    "rlnOpticsGroupName",
+    "rlnImageOriginalName",
+    "rlnReferenceImage",
+    "rlnGroupName",
+    "rlnMicrographMovieName",
+    "rlnCtfImage",
+]
+#: Per-particle columns that only make sense with a defocus.
+_CTF_PARTICLE_COLUMNS = (
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnPhaseShift",
+    "rlnCtfBfactor",
+    "rlnCtfScalefactor",
+)
+#: Acquisition columns that live in ``data_optics`` in 3.1+ (per particle in 3.0).
+_OPTICS_COLUMNS = (
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+    "rlnMagnification",
+    "rlnDetectorPixelSize",
+    "rlnPixelSize",
+)
+_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _line_of_row(path: Path, block: str, row: int) -> int | None:
+    """1-based line number of data row ``row`` (0-based) of loop ``data_<block>``, if found."""
+    try:
+        with open(path, errors="replace") as fh:
+            in_block = in_loop = False
+            seen = -1
+            for lineno, line in enumerate(fh, 1):
+                s = line.strip()
+                if s.startswith("data_"):
+                    in_block, in_loop = s == f"data_{block}", False
+                    continue
+                if not in_block:
+                    continue
+                if s.startswith("loop_"):
+                    in_loop = True
+                    continue
+                if not in_loop or not s or s.startswith(("#", "_")):
+                    continue
+                seen += 1
+                if seen == row:
+                    return lineno
+    except OSError:
+        return None
+    return None
+
+
+class _Star:
+    """One parsed STAR file: the particle block, the optics block and helpers for errors."""
+
+    def __init__(
+        self, path: Path, particles: pd.DataFrame, block: str, optics: pd.DataFrame | None
+    ):
+        self.path = path
+        self.df = particles
+        self.block = block
+        self.optics = optics
+        self.n = len(particles)
+        self.group_rows: np.ndarray | None = None  # per particle: row of its optics group
+
+    def where(self, block: str, row: int) -> str:
+        line = _line_of_row(self.path, block, row)
+        at = f", line {line}" if line is not None else ""
+        return f"{self.path}{at} (data_{block} row {row + 1})"
+
+    def numeric(self, frame: pd.DataFrame, block: str, column: str) -> np.ndarray:
+        """``frame[column]`` as float64; non-numbers and NaN/inf raise naming line and value."""
+        raw = frame[column]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InputError(
+                f"{self.where(block, i)}: column {column} holds {raw.iloc[i]!r}; expected a "
+                "finite number"
+            )
+        return values
+
+    def has(self, column: str) -> bool:
+        return column in self.df.columns or (
+            self.optics is not None and column in self.optics.columns
+        )
+
+    def per_particle(self, column: str) -> np.ndarray | None:
+        """``column`` per particle from the particle block, else from its optics group."""
+        if column in self.df.columns:
+            return self.numeric(self.df, self.block, column)
+        if self.optics is not None and column in self.optics.columns:
+            values = self.numeric(self.optics, "optics", column)
+            return values[self.group_rows]
+        return None
+
+    def require(self, column: str, why: str) -> np.ndarray:
+        values = self.per_particle(column)
+        if values is None:
+            where = "data_optics or " if self.optics is not None else ""
+            raise InputError(
+                f"{self.path}: column {column} is missing from {where}data_{self.block} "
+                f"({why}); columns found: {', '.join(map(str, self.df.columns))}"
+            )
+        return values
+
+
+def _load_blocks(path: Path) -> tuple[pd.DataFrame, str, pd.DataFrame | None]:
+    if not path.is_file():
+        raise MissingFileError(f"{path}: STAR file does not exist")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
+    except Exception as err:  # the parser's own errors are not InputErrors
+        raise InputError(
+            f"{path}: could not be parsed as a STAR file ({type(err).__name__}: {err})"
+        ) from None
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    optics = tables.get("optics")
+    if optics is not None and "particles" in tables and "rlnImageName" in tables["particles"]:
+        return tables["particles"], "particles", optics
+    with_names = [k for k, v in tables.items() if "rlnImageName" in v.columns]
+    if with_names:
+        block = "particles" if "particles" in with_names else with_names[0]
+        return tables[block], block, None
+    if "particles" in tables:
+        block = "particles"
+    elif len(tables) == 1:
+        block = next(iter(tables))
+    else:
+        found = ", ".join(f"data_{k}" for k in blocks) or "none"
+        raise InputError(
+            f"{path}: no particle block found (expected a loop with column rlnImageName, e.g. "
+            f"data_particles); blocks found: {found}"
+        )
+    columns = ", ".join(map(str, tables[block].columns))
+    raise InputError(
+        f"{path}: data_{block} has no column rlnImageName (expected 'index@stack.mrcs' image "
+        f"names); columns found: {columns}"
+    )
+
+
+def _split_names(star: _Star) -> tuple[np.ndarray, np.ndarray]:
+    """``rlnImageName`` -> (0-based indices (N,), stack names (N,) object)."""
+    names = star.df["rlnImageName"].astype(str).str.strip()
+    parts = names.str.partition("@")
+    no_at = (parts[1] != "@").to_numpy()
+    idx = pd.to_numeric(parts[0], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    stacks = parts[2].to_numpy(dtype=object)
+    bad = (
+        no_at | ~np.isfinite(idx) | (idx < 1) | (idx != np.round(idx)) | (parts[2] == "").to_numpy()
+    )
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(
+            f"{star.where(star.block, i)}: rlnImageName is {names.iloc[i]!r}; expected "
+            "'<index>@<stack>' with a 1-based integer index, e.g. 000001@Extract/particles.mrcs"
+        )
+    return idx.astype(np.int64) - 1, stacks
+
+
+def _optics_groups(star: _Star) -> np.ndarray:
+    """1-based optics group per particle; sets ``star.group_rows``."""
+    optics = star.optics
+    if optics is None:
+        star.group_rows = np.zeros(star.n, dtype=np.int64)
+        if "rlnOpticsGroup" in star.df.columns:
+            return star.numeric(star.df, star.block, "rlnOpticsGroup").astype(np.int64)
+        return np.ones(star.n, dtype=np.int64)
+    if len(optics) == 0:
+        raise InputError(f"{star.path}: data_optics is empty; expected one row per optics group")
+    if "rlnOpticsGroup" in optics.columns:
+        ids = star.numeric(optics, "optics", "rlnOpticsGroup").astype(np.int64)
+    elif len(optics) == 1:
+        ids = np.ones(1, dtype=np.int64)
+    else:
+        raise InputError(f"{star.path}: data_optics has {len(optics)} rows but no rlnOpticsGroup")
+    if "rlnOpticsGroup" in star.df.columns:
+        groups = star.numeric(star.df, star.block, "rlnOpticsGroup").astype(np.int64)
+    elif len(optics) == 1:
+        groups = np.full(star.n, ids[0], dtype=np.int64)
+    else:
+        raise InputError(
+            f"{star.path}: data_{star.block} has no rlnOpticsGroup column but data_optics has "
+            f"{len(optics)} groups; expected each particle to name its optics group"
+        )
+    lookup = {int(g): r for r, g in enumerate(ids)}
+    rows = np.array([lookup.get(int(g), -1) for g in groups], dtype=np.int64)
+    if (rows < 0).any():
+        i = int(np.argmax(rows < 0))
+        raise InputError(
+            f"{star.where(star.block, i)}: rlnOpticsGroup {int(groups[i])} is not defined in "
+            f"data_optics (groups there: {sorted(lookup)})"
+        )
+    star.group_rows = rows
+    return groups
+
+
+def _pixel_size(star: _Star, fallback: float | None) -> np.ndarray:
+    apix = star.per_particle("rlnImagePixelSize")
+    if apix is None:
+        apix = star.per_particle("rlnPixelSize")
+    if apix is None:
+        det = star.per_particle("rlnDetectorPixelSize")
+        mag = star.per_particle("rlnMagnification")
+        if det is not None and mag is not None:
+            apix = det * 1e4 / np.where(mag > 0, mag, np.nan)  # µm and magnification -> Å
+    if apix is None:
+        if fallback is None:
+            where = "data_optics" if star.optics is not None else f"data_{star.block}"
+            raise InputError(
+                f"{star.path}: no pixel size found; add a column rlnImagePixelSize (Å/px) to "
+                f"{where} (or rlnDetectorPixelSize and rlnMagnification), or pass "
+                "pixel_size_angstrom (config: data.pixel_size_angstrom)"
+            )
+        return np.full(star.n, float(fallback))
+    bad = ~(apix > 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(
+            f"{star.path}: particle row {i + 1} has pixel size {apix[i]!r} Å; expected > 0"
+        )
+    if fallback is not None and np.any(np.abs(apix - fallback) > 1e-3 * fallback):
+        raise InputError(
+            f"{star.path}: pixel_size_angstrom={fallback} was given but the file says "
+            f"{sorted(set(np.round(apix, 6).tolist()))[:5]} Å/px; remove the override or fix "
+            "the file"
+        )
+    return apix
+
+
+def _pair(star: _Star, x: str, y: str) -> np.ndarray | None:
+    has_x, has_y = star.has(x), star.has(y)
+    if has_x != has_y:
+        missing = y if has_x else x
+        raise InputError(f"{star.path}: column {missing} is missing (found only one of {x}, {y})")
+    if not has_x:
+        return None
+    return np.stack([star.per_particle(x), star.per_particle(y)], axis=1)
+
+
+def _rotations(star: _Star) -> np.ndarray | None:
+    present = [c for c in _ANGLE_COLUMNS if c in star.df.columns]
+    if not present or present == ["rlnAnglePsi"]:
+        return None  # no poses (a 2-D classification has only an in-plane angle)
+    missing = [c for c in _ANGLE_COLUMNS if c not in present]
+    if missing:
+        raise InputError(
+            f"{star.path}: column {missing[0]} is missing from data_{star.block} (Euler angles "
+            f"need all of {', '.join(_ANGLE_COLUMNS)})"
+        )
+    euler = np.stack([star.numeric(star.df, star.block, c) for c in _ANGLE_COLUMNS], axis=1)
+    return euler_to_matrix(torch.from_numpy(euler)).numpy().astype(np.float64)
+
+
+def _ctf(star: _Star) -> np.ndarray | None:
+    cols = star.df.columns
+    if "rlnDefocusU" not in cols:
+        extra = [c for c in _CTF_PARTICLE_COLUMNS if c in cols]
+        if star.optics is None:
+            extra += [c for c in ("rlnVoltage", "rlnSphericalAberration") if c in cols]
+        if extra:
+            raise InputError(
+                f"{star.path}: column rlnDefocusU is missing from data_{star.block} but CTF "
+                f"columns ({', '.join(extra)}) are present; expected rlnDefocusU and rlnDefocusV"
+            )
+        return None
+    n = star.n
+    why = "needed for the CTF"
+    du = star.numeric(star.df, star.block, "rlnDefocusU")
+    dv = star.require("rlnDefocusV", why)
+    angle = star.per_particle("rlnDefocusAngle")
+    phase = star.per_particle("rlnPhaseShift")
+    bfac = star.per_particle("rlnCtfBfactor")
+    scale = star.per_particle("rlnCtfScalefactor")
+    return np.stack(
+        [
+            du,
+            dv,
+            np.zeros(n) if angle is None else angle,
+            star.require("rlnVoltage", why),
+            star.require("rlnSphericalAberration", why),
+            star.require("rlnAmplitudeContrast", why),
+            np.zeros(n) if phase is None else phase,
+            np.zeros(n) if bfac is None else bfac,
+            np.ones(n) if scale is None else scale,
+        ],
+        axis=1,
+    )
+
+
+def _half_set(star: _Star) -> np.ndarray | None:
+    if "rlnRandomSubset" not in star.df.columns:
+        return None
+    subset = star.numeric(star.df, star.block, "rlnRandomSubset")
+    bad = (subset != 1) & (subset != 2)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(
+            f"{star.where(star.block, i)}: rlnRandomSubset is {subset[i]:g}; expected 1 or 2"
+        )
+    return (subset - 1).astype(np.int8)
+
+
+def _box_size(star: _Star, first_stack: str) -> int:
+    sizes = star.per_particle("rlnImageSize")
+    if sizes is None:
+        try:
+            return ImageStack(first_stack).box_size
+        except MissingFileError:
+            raise MissingFileError(
+                f"{star.path}: the file has no rlnImageSize, so the box size is read from the "
+                f"first image stack, {first_stack}, which does not exist; pass datadir=<folder "
+                "holding the stacks> if they were moved"
+            ) from None
+    unique = np.unique(sizes.astype(np.int64))
+    if len(unique) > 1:
+        raise InputError(
+            f"{star.path}: optics groups have different image sizes {unique.tolist()} "
+            "(rlnImageSize); hetero needs one box size: re-extract at a common size or split "
+            "the file by optics group"
+        )
+    return int(unique[0])
+
+
+def read_star(
+    path: str | Path, datadir: str | Path | None = None, pixel_size_angstrom: float | None = None
+) -> ParticleTable:
+    """Read a RELION 3.0 or 3.1+ particle STAR file.
+
+    Image names ``idx@stack`` are resolved: absolute paths as they are; relative ones against
+    ``datadir`` then ``datadir/<basename>`` (when given), then against the STAR file's folder,
+    the working directory and the two folders above the STAR file (RELION's project directory
+    for ``Refine3D/job012/run_data.star``); the first that exists wins. Existence is not
+    required here (see :func:`hetero.data.io.readers.read_particles`).
+
+    :param path: the ``.star`` file.
+    :param datadir: folder holding the stacks when they were moved.
+    :param pixel_size_angstrom: pixel size (Å) used only when the file has none; an explicit
+        value that contradicts the file raises.
+    :return: a :class:`ParticleTable` with ``rows`` (the particle DataFrame) and, for 3.1+
+        files, ``optics`` (the optics DataFrame); ``extra["star_version"]`` is ``"3.0"`` or
+        ``"3.1"``.
+    :raises InputError: naming the file, line/row and column of what is missing or malformed.
+    """
+    path = Path(path)
+    particles, block, optics = _load_blocks(path)
+    star = _Star(path, particles, block, optics)
+    if star.n == 0:
+        raise InputError(f"{path}: data_{block} contains no particles (the loop has no rows)")
+    indices, names = _split_names(star)
+    groups = _optics_groups(star)
+    apix = _pixel_size(star, pixel_size_angstrom)
+    bases = default_bases(path)
+    image_paths = resolve_column(names, bases, datadir)
+    box = _box_size(star, str(image_paths[0]))
+    origins_angst = _pair(star, "rlnOriginXAngst", "rlnOriginYAngst")
+    if origins_angst is not None:
+        origins = origins_angst / apix[:, None]
+    else:
+        origins = _pair(star, "rlnOriginX", "rlnOriginY")
+        if origins is None:
+            origins = np.zeros((star.n, 2))
+    return ParticleTable(
+        image_paths=image_paths,
+        image_indices=indices,
+        box_size=box,
+        pixel_size_angstrom=apix,
+        rotations=_rotations(star),
+        origins_px=origins,
+        ctf=_ctf(star),
+        half_set=_half_set(star),
+        optics_group=groups,
+        optics=optics,
+        rows=particles,
+        source=str(path),
+        extra={"star_version": "3.1" if optics is not None else "3.0", "star_block": block},
+    )
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _format_column(values: pd.Series) -> list[str]:
+    """STAR text of one column: ints as ints, floats at their shortest exact representation
+    (always with a ``.`` or exponent, e.g. ``300.0``), strings quoted when empty or with blanks."""
+    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_integer_dtype(values):
+        return values.to_numpy(dtype=np.int64).astype(str).tolist()
+    if pd.api.types.is_float_dtype(values):
+        return values.to_numpy(dtype=np.float64, na_value=np.nan).astype(str).tolist()
+    text = values.astype(str)
+    quote = (text == "") | text.str.contains(r"\s", regex=True)
+    if quote.any():
+        text = text.where(~quote, '"' + text + '"')
+    return text.tolist()
+
+
+def _format_block(name: str, frame: pd.DataFrame) -> str:
+    lines = ["", "# version 30001", "", f"data_{name}", "", "loop_"]
+    lines += [f"_{col} #{i + 1}" for i, col in enumerate(frame.columns)]
+    columns = [_format_column(frame[c]) for c in frame.columns]
+    lines += ["\t".join(row) for row in zip(*columns)]
+    return "\n".join(lines) + "\n\n"
+
+
+def _write_blocks(path: Path, blocks: Sequence[tuple[str, pd.DataFrame]]) -> Path:
+    text = "".join(_format_block(name, frame) for name, frame in blocks)
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def _optics_from_arrays(table: ParticleTable, idx: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Optics groups from unique (pixel size, voltage, Cs, amplitude contrast)."""
+    apix = table.pixel_size_angstrom[idx]
+    keys = [apix]
+    if table.ctf is not None:
+        keys += [table.ctf[idx, 3], table.ctf[idx, 4], table.ctf[idx, 5]]
+    stacked = np.round(np.stack(keys, axis=1), 6)
+    unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    # Number the groups in order of first appearance.
+    first = np.array([np.argmax(inverse == g) for g in range(len(unique))], dtype=np.int64)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    groups = rank[inverse] + 1
+    unique = unique[order]
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": np.arange(1, len(unique) + 1, dtype=np.int64),
+            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(unique) + 1)],
+        }
+    )
+    if table.ctf is not None:
+        optics["rlnAmplitudeContrast"] = unique[:, 3]
+        optics["rlnSphericalAberration"] = unique[:, 2]
+        optics["rlnVoltage"] = unique[:, 1]
+    optics["rlnImagePixelSize"] = unique[:, 0]
+    optics["rlnImageSize"] = np.full(len(unique), int(table.box_size), dtype=np.int64)
+    optics["rlnImageDimensionality"] = np.full(len(unique), 2, dtype=np.int64)
+    return optics, groups.astype(np.int64)
+
+
+def _image_names(table: ParticleTable, idx: np.ndarray, folder: Path) -> list[str]:
+    rel: dict[str, str] = {}
+    for p in table.image_paths[idx]:
+        if p not in rel:
+            try:
+                rel[p] = os.path.relpath(p, folder)
+            except ValueError:  # another drive (Windows)
+                rel[p] = str(p)
+    return [
+        f"{i + 1:06d}@{rel[p]}" for i, p in zip(table.image_indices[idx], table.image_paths[idx])
+    ]
+
+
+def _particles_from_arrays(
+    table: ParticleTable, idx: np.ndarray, groups: np.ndarray, folder: Path
+) -> pd.DataFrame:
+    apix = table.pixel_size_angstrom[idx]
+    cols: dict[str, object] = {
+        "rlnImageName": _image_names(table, idx, folder),
+        "rlnOpticsGroup": groups,
+    }
+    if table.rotations is not None:
+        euler = matrix_to_euler(
+            torch.from_numpy(np.asarray(table.rotations[idx], np.float64)), eps=1e-12
+        )
+        euler = euler.numpy()
+        cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = euler.T
+    origins = np.zeros((len(idx), 2)) if table.origins_px is None else table.origins_px[idx]
+    cols["rlnOriginXAngst"] = origins[:, 0] * apix
+    cols["rlnOriginYAngst"] = origins[:, 1] * apix
+    if table.ctf is not None:
+        ctf = table.ctf[idx]
+        cols["rlnDefocusU"] = ctf[:, 0]
+        cols["rlnDefocusV"] = ctf[:, 1]
+        cols["rlnDefocusAngle"] = ctf[:, 2]
+        cols["rlnPhaseShift"] = ctf[:, 6]
+        cols["rlnCtfBfactor"] = ctf[:, 7]
+        cols["rlnCtfScalefactor"] = ctf[:, 8]
+    if table.half_set is not None:
+        cols["rlnRandomSubset"] = table.half_set[idx].astype(np.int64) + 1
+    return pd.DataFrame(cols)
+
+
+def write_star(
+    path: str | Path, table: ParticleTable, indices: np.ndarray | Sequence[int] | None = None
+) -> Path:
+    """Write particles ``indices`` (default all, in that order) as a RELION 3.1 STAR file.
+
+    - Table read from a 3.1+ STAR file (``rows`` and ``optics`` set): the original particle rows
+      (subset) and the original optics table are written unchanged, so the subset drops straight
+      into the RELION project the input came from (image names stay as they were).
+    - Table read from a 3.0 STAR file (``rows`` set, no ``optics``): the original rows are kept,
+      with per-particle acquisition columns moved into a new ``data_optics`` and
+      ``rlnOriginX/Y`` (px) converted to ``rlnOriginXAngst/YAngst``.
+    - Otherwise columns are built from the arrays: optics groups from unique (pixel size,
+      voltage, Cs, amplitude contrast); ``rlnImageName = {index+1:06d}@<stack path relative to
+      the output folder>``; Euler angles from :func:`matrix_to_euler`; origins in Å; CTF
+      columns; ``rlnRandomSubset`` when ``half_set`` is set.
+
+    Written atomically. Floats are written at their shortest exact representation.
+
+    :raises InputError: ``path`` is the table's own input file (inputs are never overwritten).
+    :return: ``path``.
+    """
+    path = Path(path)
+    if table.source and os.path.realpath(path) == os.path.realpath(table.source):
+        raise InputError(
+            f"{path}: refusing to overwrite the input file the particles were read from; "
+            "choose another output path"
+        )
+    n = len(table)
+    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"write_star {path}: indices out of range for {n} particles")
+    rows, optics = table.rows, table.optics
+    if rows is not None and optics is not None:
+        subset = rows.iloc[idx].reset_index(drop=True)
+        return _write_blocks(path, [("optics", optics), ("particles", subset)])
+    new_optics, groups = _optics_from_arrays(table, idx)
+    built = _particles_from_arrays(table, idx, groups, path.parent.resolve())
+    if rows is not None:  # RELION 3.0 rows: keep names and extra columns, convert the rest
+        subset = rows.iloc[idx].reset_index(drop=True)
+        drop = set(_OPTICS_COLUMNS) | {"rlnOriginX", "rlnOriginY"}
+        built["rlnImageName"] = subset["rlnImageName"].astype(str).to_numpy()
+        for col in subset.columns:
+            if col not in built.columns and col not in drop:
+                built[col] = subset[col].to_numpy()
+    return _write_blocks(path, [("optics", new_optics), ("particles", built)])
