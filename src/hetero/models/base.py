@@ -33,6 +33,8 @@ class HeteroModel(L.LightningModule):
     :param template_size: side ``T`` of the decoded volume (default ``D``).
     :param optimizer: partial ``torch.optim`` constructor taking the parameters.
     :param scheduler: partial LR scheduler constructor taking the optimiser, or ``None``.
+    :param render_method: ``"fourier"`` (Fourier-slice, default) or ``"real"`` projection in the
+        :class:`Renderer` (config key ``model.render_method``).
     """
 
     latent_dim: int = 0
@@ -44,6 +46,7 @@ class HeteroModel(L.LightningModule):
         template_size: int | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        render_method: str = "fourier",
         **data_info,
     ) -> None:
         super().__init__()
@@ -53,7 +56,7 @@ class HeteroModel(L.LightningModule):
         self.data_info = {k: v for k, v in data_info.items() if isinstance(v, int | float | bool | str)}
         self._optimizer_factory = optimizer
         self._scheduler_factory = scheduler
-        self.renderer = Renderer(self.box_size, self.template_size)
+        self.renderer = Renderer(self.box_size, self.template_size, render_method)
 
     # ------------------------------------------------------------------ interface
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

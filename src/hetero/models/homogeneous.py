@@ -39,9 +39,12 @@ class HomogeneousModel(HeteroModel):
         l2_weight: float = 0.0,
         optimizer=None,
         scheduler=None,
+        render_method: str = "fourier",
         **data_info,
     ) -> None:
-        super().__init__(box_size, apix, template_size, optimizer, scheduler, **data_info)
+        super().__init__(
+            box_size, apix, template_size, optimizer, scheduler, render_method, **data_info
+        )
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         t = self.template_size
         self.volume = nn.Parameter(torch.zeros(t, t, t))

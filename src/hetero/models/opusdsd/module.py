@@ -147,9 +147,12 @@ class OpusDSD(HeteroModel):
         recon_mask_radius: float | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        render_method: str = "fourier",
         **data_info,
     ) -> None:
-        super().__init__(box_size, apix, template_size, optimizer, scheduler, **data_info)
+        super().__init__(
+            box_size, apix, template_size, optimizer, scheduler, render_method, **data_info
+        )
         n_particles = data_info.get("n_particles")
         if n_particles is None:
             raise ValueError("OpusDSD needs n_particles (the memory bank has one row per particle)")
