@@ -19,8 +19,6 @@ Then ``Linear(-> fc_width) + LeakyReLU`` and two heads for ``mu`` and ``log sigm
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -93,7 +91,6 @@ class ImageEncoder(nn.Module):
         init_leaky(self)
         nn.init.xavier_uniform_(self.mu.weight)
         nn.init.xavier_uniform_(self.logstd.weight, gain=0.1)
-        nn.init.constant_(self.logstd.bias, float(os.environ.get("HETERO_LOGSTD_BIAS", "0")))
 
     def backproject(self, images: Tensor, rotations: Tensor) -> Tensor:
         """Extrude ``(B, C, C)`` images along z and rotate them into the volume frame:

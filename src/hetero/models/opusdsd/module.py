@@ -43,10 +43,12 @@ from hetero.losses.reconstruction import MultiPoseReconstructionLoss
 from hetero.losses.snr import RunningSNR, batch_power
 from hetero.losses.volume_priors import L1Norm, TotalVariation
 from hetero.models.base import HeteroModel
+from hetero.models.components.renderer import has_ctf
 from hetero.models.opusdsd.decoder import VolumeDecoder
 from hetero.models.opusdsd.encoder import ImageEncoder
 from hetero.models.opusdsd.memory_bank import MemoryBank
 from hetero.models.opusdsd.poses import HEALPIX_NSIDE16_DEG, neighbour_rotations
+from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.fourier import fft2_centered, fourier_crop_2d, frequency_grid_2d, ifft2_centered
 from hetero.physics.masks import circular_mask
 
@@ -92,6 +94,10 @@ class OpusDSD(HeteroModel):
     :param encoder_channels: conv widths. :param fc_width: encoder FC width.
     :param encoder_resample_size: cube side before the last three encoder convs.
     :param encoder_mask_radius: encoder sphere radius as a fraction of ``C / 2``.
+    :param encoder_phase_flip: multiply the encoder input's spectrum by ``sign(CTF)`` (hetero's
+        addition; the paper and reference feed raw images). The pseudo-volumes of particles at
+        different defoci then agree in sign, which shortens the phase in which the decoder
+        ignores ``z``; the reconstruction target and loss are unchanged.
     :param decoder_channels: seed channels then upsampling widths.
     :param decoder_fc_width: decoder hidden FC width.
     :param decoder_resample_layers: upsampling layers after the intermediate resampling.
@@ -126,10 +132,11 @@ class OpusDSD(HeteroModel):
         fc_width: int = 512,
         encoder_resample_size: int = 12,
         encoder_mask_radius: float = 1.0,
+        encoder_phase_flip: bool = True,
         decoder_channels: list[int] | tuple[int, ...] = (2048, 1024, 512, 256, 128, 64, 32, 16),
         decoder_fc_width: int = 512,
         decoder_resample_layers: int = 4,
-        decoder_output_gain: float = 1.0 / 16,
+        decoder_output_gain: float = 1.0,
         n_neighbour_poses: int = 8,
         neighbour_spread_deg: float = HEALPIX_NSIDE16_DEG,
         neighbour_mode: str = "ring",
@@ -193,6 +200,7 @@ class OpusDSD(HeteroModel):
         self.bfactor_input, self.bfactor_target = float(bfactor_input), float(bfactor_target)
         self.contrast_range = tuple(float(c) for c in _plain(contrast_range))
         self.update_bank_on_val = bool(update_bank_on_val)
+        self.encoder_phase_flip = bool(encoder_phase_flip)
         self.snr_reset_each_epoch = bool(snr_reset_each_epoch)
         sx, sy = frequency_grid_2d(self.box_size, 1.0)
         self.register_buffer("freq2", sx**2 + sy**2, persistent=False)
@@ -210,7 +218,7 @@ class OpusDSD(HeteroModel):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Posterior ``{"z_mu", "z_logstd"}`` ``(B, zdim)`` of un-augmented recentred images."""
         target = self.targets(batch)
-        mu, logstd = self.encoder(self._encoder_image(target), batch["rotation"].float())
+        mu, logstd = self.encoder(self._encoder_input(target, batch), batch["rotation"].float())
         return {"z_mu": mu.float(), "z_logstd": logstd.float()}
 
     @torch.no_grad()
@@ -232,9 +240,23 @@ class OpusDSD(HeteroModel):
             return images
         return fourier_crop_2d(images, self.encoder_size)
 
-    def _augment(self, target: Tensor) -> tuple[Tensor, Tensor]:
+    def _phase_flip_sign(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """``sign(CTF)`` ``(B, D, D)`` (centred) when the encoder input is phase-flipped."""
+        if not self.encoder_phase_flip or not has_ctf(batch["ctf"]):
+            return None
+        ctf = ctf_table_compute(batch["ctf"].float(), self.box_size, batch["apix"].float())
+        return torch.sign(ctf)
+
+    def _encoder_input(self, target: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Un-augmented encoder input: phase-flipped (optional) and resampled to ``C``."""
+        sign = self._phase_flip_sign(batch)
+        if sign is not None:
+            target = ifft2_centered(fft2_centered(target) * sign).real
+        return self._encoder_image(target)
+
+    def _augment(self, target: Tensor, flip_sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(encoder input (B, C, C), reconstruction target (B, D, D))`` with independent random
-        B-factors and an input contrast factor."""
+        B-factors and an input contrast factor; ``flip_sign`` phase-flips the encoder input."""
         b = target.shape[0]
         spec = fft2_centered(target)
         u = torch.rand(3, b, device=target.device)
@@ -245,6 +267,8 @@ class OpusDSD(HeteroModel):
         k = -(torch.pi**2) * self.freq2
         env_in = torch.exp(b_in[:, None, None] * k) * contrast[:, None, None]
         env_t = torch.exp(b_t[:, None, None] * k)
+        if flip_sign is not None:
+            env_in = env_in * flip_sign
         enc = ifft2_centered(spec * env_in).real
         tgt = ifft2_centered(spec * env_t).real
         return self._encoder_image(enc), tgt
@@ -291,9 +315,9 @@ class OpusDSD(HeteroModel):
         target = self.targets(batch)
         rotations = batch["rotation"].float()
         if self.augment:
-            enc_image, rec_target = self._augment(target)
+            enc_image, rec_target = self._augment(target, self._phase_flip_sign(batch))
         else:
-            enc_image, rec_target = self._encoder_image(target), target
+            enc_image, rec_target = self._encoder_input(target, batch), target
         mu, logstd = self.encoder(enc_image, rotations)
         mu, logstd = mu.float(), logstd.float()
         z = mu + torch.randn_like(mu) * logstd.exp()
@@ -358,7 +382,7 @@ class OpusDSD(HeteroModel):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         target = self.targets(batch)
         rotations = batch["rotation"].float()
-        mu, _ = self.encoder(self._encoder_image(target), rotations)
+        mu, _ = self.encoder(self._encoder_input(target, batch), rotations)
         volumes = self.decoder(mu).float()
         with torch.autocast(self.device.type, enabled=False):
             predicted = self.render(volumes, rotations, batch)
