@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -67,3 +69,21 @@ def compose_train(
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.work_dir = str(Path.cwd())
     return cfg
+
+
+
+class BankDump(L.Callback):
+    """Writes each rank's OPUS-DSD memory bank to ``<folder>/bank_rank<r>.npz`` at the end of
+    training (module level so that ``ddp_spawn`` can pickle it)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            self.folder / f"bank_rank{trainer.global_rank}.npz",
+            codes=pl_module.bank.codes.cpu().numpy(),
+            seen=pl_module.bank.seen.cpu().numpy(),
+            images_seen=int(pl_module.images_seen),
+        )

@@ -68,6 +68,24 @@ def test_ddp_sim(tmp_path):
     assert np.isfinite(metrics["val/loss"])
 
 
+def test_ddp_sim_keeps_the_memory_bank_identical_on_both_ranks(tmp_path):
+    """Two CPU processes, disjoint sampler shards: every rank's bank holds every rank's
+    updates (gathered), so after one epoch both banks are identical and cover the whole
+    training set, and the images-seen clock counts both ranks."""
+    dump = tmp_path / "banks"
+    cfg = compose_train(tmp_path, [
+        "trainer=ddp_sim", "trainer.max_epochs=1", *TINY_OPUSDSD,
+        "++callbacks.bank_dump._target_=tests.helpers.BankDump", f"++callbacks.bank_dump.folder={dump}",
+    ])
+    metrics, objects = train(cfg)
+    banks = [np.load(dump / f"bank_rank{r}.npz") for r in (0, 1)]
+    np.testing.assert_array_equal(banks[0]["codes"], banks[1]["codes"])
+    np.testing.assert_array_equal(banks[0]["seen"], banks[1]["seen"])
+    n_train = objects["datamodule"].info()["n_train"]
+    assert int(banks[0]["seen"].sum()) == n_train
+    assert int(banks[0]["images_seen"]) == int(banks[1]["images_seen"]) == n_train
+
+
 def test_multirun_subprocess(tmp_path):
     """A 2-job sweep through the real CLI."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
