@@ -85,6 +85,8 @@ def test_other_groups_compose(tmp_path, group, monkeypatch):
 @pytest.mark.parametrize("option", options("launcher") + options("hparams_search"))
 def test_launcher_and_sweep_configs_compose(tmp_path, option):
     group = "launcher" if (CONF / "launcher" / f"{option}.yaml").exists() else "hparams_search"
+    plugin = "hydra_submitit_launcher" if group == "launcher" else "hydra_optuna_sweeper"
+    pytest.importorskip(f"hydra_plugins.{plugin}", reason=f"needs the {plugin} extra (.[slurm] / .[optuna])")
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
