@@ -116,3 +116,14 @@ def test_wandb_offline(tmp_path, monkeypatch):
     run(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, list(tmp_path.rglob("*"))[:20]
+
+
+def test_disabling_the_progress_bar_drops_the_progress_callback(tmp_path):
+    """`trainer.enable_progress_bar=false` with the default progress-bar callback still runs."""
+    cfg = compose_train(tmp_path, [
+        "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false",
+        "++callbacks.progress_bar={_target_:hetero.callbacks.progress.progress_bar}",
+    ])
+    assert cfg.callbacks.progress_bar is not None
+    metrics, objects = train(cfg)
+    assert not objects["trainer"].progress_bar_callback
