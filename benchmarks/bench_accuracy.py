@@ -28,14 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The CPU-sized OPUS-DSD of the demo experiment (narrow networks, 2 neighbour poses).
+# The CPU-sized OPUS-DSD (narrow networks, 2 neighbour poses) with the demo's short-run settings.
 OPUSDSD = [
-    "model=opusdsd",
-    "model.encoder_channels=[8,16,32]",
-    "model.fc_width=64",
-    "model.decoder_channels=[64,32,16,8,4]",
-    "model.decoder_fc_width=64",
-    "model.n_neighbour_poses=2",
+    "model=opusdsd_cpu",
     "optim.optimizer.lr=1e-3",
     "optim.scheduler.gamma=1.0",
     "loss.tv.normalization=mean",

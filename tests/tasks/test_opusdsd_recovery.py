@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tests.helpers import CONF_DIR, compose_train
 
 RECOVERY = [
-    "model=opusdsd",
+    "model=opusdsd_cpu",
     "predict=true",
     "callbacks=default",
     "++callbacks.progress_bar=null",
@@ -30,12 +30,6 @@ RECOVERY = [
     "data.box_size=32",
     "data.batch_size=16",
     "data.val_fraction=0.05",
-    "model.template_size=32",
-    "model.encoder_channels=[8,16,32]",
-    "model.fc_width=64",
-    "model.decoder_channels=[64,32,16,8,4]",
-    "model.decoder_fc_width=64",
-    "model.n_neighbour_poses=2",
     "optim.optimizer.lr=1e-3",
     "optim.scheduler.gamma=1.0",
     "loss.tv.normalization=mean",
