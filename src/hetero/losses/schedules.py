@@ -37,7 +37,42 @@ class ConstantSchedule:
         return f"ConstantSchedule(value={self.value})"
 
 
-class SawtoothSchedule:
+class _CyclicSchedule:
+    """A rise from ``start`` to ``end`` over ``ramp`` units, held at ``end`` until ``period``,
+    then restarting; subclasses give the shape of the rise (:meth:`rise`, ``[0, 1] -> [0, 1]``).
+    ``period = inf`` (``.inf`` in YAML) gives a single warm-up."""
+
+    def __init__(
+        self,
+        start: float = 0.001,
+        end: float = 1.0,
+        ramp: float = 100_000,
+        period: float = 125_000,
+        unit: Unit = "images",
+    ) -> None:
+        if ramp <= 0 or period < ramp:
+            raise ValueError(f"need 0 < ramp <= period, got ramp={ramp}, period={period}")
+        self.start, self.end = float(start), float(end)
+        self.ramp, self.period = float(ramp), float(period)
+        self.unit = unit
+
+    @staticmethod
+    def rise(t: float) -> float:
+        raise NotImplementedError
+
+    def __call__(self, x: float) -> float:
+        x = max(float(x), 0.0)
+        phase = math.fmod(x, self.period) if math.isfinite(self.period) else x
+        return self.start + (self.end - self.start) * self.rise(min(phase / self.ramp, 1.0))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(start={self.start}, end={self.end}, ramp={self.ramp}, "
+            f"period={self.period}, unit={self.unit!r})"
+        )
+
+
+class SawtoothSchedule(_CyclicSchedule):
     """Linear ramp from ``start`` to ``end`` over ``ramp`` units, held at ``end`` until ``period``,
     then restarting: ``clip(start + (x mod period) * (end - start) / ramp, start, end)``.
 
@@ -51,34 +86,12 @@ class SawtoothSchedule:
     :param unit: ``"images"`` (images seen over all ranks, the reference) or ``"steps"``.
     """
 
-    def __init__(
-        self,
-        start: float = 0.001,
-        end: float = 1.0,
-        ramp: float = 100_000,
-        period: float = 125_000,
-        unit: Unit = "images",
-    ) -> None:
-        if ramp <= 0 or period < ramp:
-            raise ValueError(f"need 0 < ramp <= period, got ramp={ramp}, period={period}")
-        self.start, self.end = float(start), float(end)
-        self.ramp, self.period = float(ramp), float(period)
-        self.unit = unit
-
-    def __call__(self, x: float) -> float:
-        phase = math.fmod(max(float(x), 0.0), self.period)
-        value = self.start + phase * (self.end - self.start) / self.ramp
-        lo, hi = min(self.start, self.end), max(self.start, self.end)
-        return min(max(value, lo), hi)
-
-    def __repr__(self) -> str:
-        return (
-            f"SawtoothSchedule(start={self.start}, end={self.end}, ramp={self.ramp}, "
-            f"period={self.period}, unit={self.unit!r})"
-        )
+    @staticmethod
+    def rise(t: float) -> float:
+        return t
 
 
-class CosineSchedule:
+class CosineSchedule(_CyclicSchedule):
     """Cyclical cosine annealing: a half-cosine rise from ``start`` to ``end`` over ``ramp``
     units, held at ``end`` until ``period``, then restarting
     (``start + (end - start) * (1 - cos(pi * min(phase / ramp, 1))) / 2``).
@@ -91,28 +104,6 @@ class CosineSchedule:
     :param unit: ``"images"`` or ``"steps"``.
     """
 
-    def __init__(
-        self,
-        start: float = 0.001,
-        end: float = 1.0,
-        ramp: float = 100_000,
-        period: float = 125_000,
-        unit: Unit = "images",
-    ) -> None:
-        if ramp <= 0 or period < ramp:
-            raise ValueError(f"need 0 < ramp <= period, got ramp={ramp}, period={period}")
-        self.start, self.end = float(start), float(end)
-        self.ramp, self.period = float(ramp), float(period)
-        self.unit = unit
-
-    def __call__(self, x: float) -> float:
-        x = max(float(x), 0.0)
-        phase = math.fmod(x, self.period) if math.isfinite(self.period) else x
-        t = min(phase / self.ramp, 1.0)
-        return self.start + (self.end - self.start) * 0.5 * (1.0 - math.cos(math.pi * t))
-
-    def __repr__(self) -> str:
-        return (
-            f"CosineSchedule(start={self.start}, end={self.end}, ramp={self.ramp}, "
-            f"period={self.period}, unit={self.unit!r})"
-        )
+    @staticmethod
+    def rise(t: float) -> float:
+        return 0.5 * (1.0 - math.cos(math.pi * t))
