@@ -1,4 +1,4 @@
-"""Training throughput of the OPUS-DSD model (images/s) and peak memory.
+"""Training and inference throughput of the OPUS-DSD model (images/s) and peak memory.
 
 Times full optimiser steps (augmentation, encoder, decoder, multi-pose rendering with CTF,
 all loss terms, backward, Adam, bank/SNR updates) on synthetic batch-contract data.
@@ -106,6 +106,18 @@ def main() -> None:
         step(i)
     sync()
     elapsed = time.perf_counter() - start
+    # Inference: the encoder alone (what `analyze`/prediction runs per particle), no gradients.
+    model.eval()
+    with torch.no_grad(), autocast():
+        for i in range(args.warmup):
+            model.encode(batches[i % 2])
+        sync()
+        t_inf = time.perf_counter()
+        for i in range(args.steps):
+            model.encode(batches[i % 2])
+        sync()
+    inf_elapsed = time.perf_counter() - t_inf
+    model.train()
     n_params = sum(p.numel() for p in model.parameters())
     ips = args.steps * args.batch_size / elapsed
     print(
@@ -114,6 +126,7 @@ def main() -> None:
         f"device={device.type} precision={args.precision} threads={torch.get_num_threads()}"
     )
     print(f"train images/s: {ips:.2f}  ({elapsed / args.steps:.3f} s/step)")
+    print(f"inference (encode) images/s: {args.steps * args.batch_size / inf_elapsed:.2f}")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
