@@ -38,7 +38,6 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine
 from bench_dataloader import MemorySampler, evict
 
@@ -72,7 +71,10 @@ def build(scratch: Path, sizes: list[int], box: int, apix: float) -> dict[int, P
                 shutil.copyfile(Path(base.truth_dir) / "particles.mrcs", dst.with_suffix(".tmp"))
                 dst.with_suffix(".tmp").rename(dst)
             paths.append(str(dst))
-        rep = lambda a: np.concatenate([a] * copies)[:n]  # noqa: E731
+
+        def rep(a: np.ndarray, copies: int = copies, n: int = n) -> np.ndarray:
+            return np.concatenate([a] * copies)[:n]
+
         big = ParticleTable(
             image_paths=np.repeat(np.array(paths, dtype=object), PER_STACK)[:n],
             image_indices=rep(table.image_indices), box_size=table.box_size,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +85,6 @@ def oracle_assignment(
     """
     from hetero.analysis.metrics import ari_ami
     from hetero.data.io.mrc import ImageStack
-    from pathlib import Path
 
     dataset.ensure()
     folder = Path(dataset.truth_dir)
