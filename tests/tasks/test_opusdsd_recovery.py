@@ -66,6 +66,8 @@ def test_opusdsd_separates_three_planted_states(tmp_path):
     # The latent space separates the three conformations (k-means with k = 3 vs the truth).
     assert gt["k_true"] == 3
     assert gt["ari"] >= 0.9, gt
+    # The oracle (true pose/CTF, best-fitting state) is the ceiling: ~1 at this SNR.
+    assert gt["oracle_ari"] >= 0.95 and gt["ari_fraction_of_oracle"] == pytest.approx(gt["ari"] / gt["oracle_ari"])
     # Maps decoded at each state's mean latent resemble that state's true volume.
     assert gt["per_state_res_0.5_mean"] < 25.0, gt["per_state_fsc"]
     out = run_dir / "analysis"
@@ -74,4 +76,5 @@ def test_opusdsd_separates_three_planted_states(tmp_path):
     report = (out / "report.html").read_text()
     for name in ("Summary", "Latent space", "Clusters", "Maps", "Ground truth"):
         assert f"<h2>{name}</h2>" in report
+    assert "oracle ARI" in report
     assert Path(out / "subsets").is_dir()

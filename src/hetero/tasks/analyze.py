@@ -104,6 +104,9 @@ def load_ground_truth(cfg: DictConfig, datamodule, n_particles: int, box: int, a
         for key in ("labels", "t", "t_grid"):
             if raw.get(key) is not None:
                 truth[key] = np.asarray(raw[key])
+        particles = getattr(datamodule, "particles", None)
+        if cfg.get("oracle", True) and type(particles).__name__ == "SyntheticDataset":
+            truth["dataset"] = particles  # for the oracle classifier (the ceiling of ARI)
         if raw.get("volumes") is not None:
             vapix = float(raw.get("apix", apix))
             truth["volumes"] = _on_original_grid(np.asarray(raw["volumes"]), vapix, box, apix)
@@ -388,8 +391,20 @@ def _ground_truth_metrics(cfg, truth, z, decode_to_original, write_series, progr
     if labels is not None and zdim > 0 and len(np.unique(labels)) >= 2 and not truth.get("labels_from_t"):
         scores = M.clustering_scores(z, labels, seed=int(cfg.kmeans.seed))
         gt["ari"], gt["ami"], gt["k_true"] = scores["ari"], scores["ami"], scores["k"]
-        blocks.append(R.table([("ARI", scores["ari"]), ("AMI", scores["ami"]), ("k (true states)", scores["k"])],
-                              ["clustering (k-means, k = true states)", "value"]))
+        rows = [("ARI", scores["ari"]), ("AMI", scores["ami"]), ("k (true states)", scores["k"])]
+        if truth.get("dataset") is not None:
+            from hetero.data.synthetic.oracle import oracle_assignment
+
+            oracle = oracle_assignment(truth["dataset"])
+            gt["oracle_ari"], gt["oracle_ami"] = oracle["ari"], oracle["ami"]
+            gt["oracle_accuracy"] = oracle["accuracy"]
+            if oracle["ari"] > 0:
+                gt["ari_fraction_of_oracle"] = scores["ari"] / oracle["ari"]
+            rows += [("oracle ARI (true pose, CTF and noise model; best-fitting state)", oracle["ari"]),
+                     ("oracle accuracy", oracle["accuracy"])]
+            if "ari_fraction_of_oracle" in gt:
+                rows.append(("ARI / oracle ARI", gt["ari_fraction_of_oracle"]))
+        blocks.append(R.table(rows, ["clustering (k-means, k = true states)", "value"]))
     if labels is not None and vols is not None:
         # Per state: decode at the particle nearest the state's mean latent.
         states = np.unique(labels)
@@ -470,7 +485,9 @@ def _summary_rows(metrics: dict, run, info: dict, seconds: float) -> list[tuple]
         counts = metrics["clusters"]["counts"]
         rows.append(("clusters", f"{len(counts)} (sizes {min(counts)} to {max(counts)})"))
     gt = metrics.get("ground_truth") or {}
-    for key, label in (("ari", "ARI"), ("ami", "AMI"), ("per_state_auc_mean", "per-state FSC AUC (mean)"),
+    for key, label in (("ari", "ARI"), ("ami", "AMI"), ("oracle_ari", "oracle ARI (ceiling)"),
+                       ("ari_fraction_of_oracle", "ARI / oracle ARI"),
+                       ("per_state_auc_mean", "per-state FSC AUC (mean)"),
                        ("per_state_res_0.5_mean", "per-state FSC=0.5 (Å, mean)"),
                        ("per_image_fsc_auc_mean", "per-image FSC AUC (mean)")):
         if key in gt:
@@ -520,7 +537,7 @@ def _print_summary(metrics: dict, report: Path) -> None:
     if "clusters" in metrics:
         table.add_row("clusters", str(metrics["clusters"]["k"]))
     gt = metrics.get("ground_truth") or {}
-    for key in ("ari", "ami", "per_state_auc_mean", "per_state_res_0.5_mean", "per_state_res_0.143_mean",
+    for key in ("ari", "ami", "oracle_ari", "ari_fraction_of_oracle", "per_state_auc_mean", "per_state_res_0.5_mean", "per_state_res_0.143_mean",
                 "per_image_fsc_auc_mean"):
         if key in gt:
             table.add_row(key, f"{float(gt[key]):.4g}")
