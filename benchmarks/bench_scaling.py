@@ -175,6 +175,7 @@ def main() -> None:
     p.add_argument("--loader-seconds", type=float, default=20.0)
     p.add_argument("--scratch", default="/tmp/bench_scaling")
     p.add_argument("--out", default=None)
+    p.add_argument("--build-only", action="store_true", help="write the datasets and stop")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -184,9 +185,12 @@ def main() -> None:
     t = time.perf_counter()
     stars = build(scratch, args.sizes, args.box, args.apix)
     print(f"datasets ready in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.build_only:
+        return
     rows = []
     for n, star in stars.items():
         cmd = [sys.executable, __file__, "--one", str(star), *sys.argv[1:]]
+        cmd = [c for c in cmd if c != "--build-only"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
