@@ -624,3 +624,19 @@ def test_inputs_untouched_by_reading(tmp_path, conformance_dir):
     validate_pixels(read_particles(work / "hand.mrcs", pixel_size_angstrom=1.0), n_sample=8)
     assert _snapshot(work) == before
     assert sorted(p.name for p in work.iterdir()) == sorted(before)
+
+
+def test_stack_memory_maps_are_advised_random_access(tmp_path, monkeypatch):
+    """Every (re)opened memory map gets MADV_RANDOM (no read-ahead of neighbouring images)."""
+    import hetero.data.io.mrc as mrc_module
+
+    calls = []
+    real = mrc_module._advise_random
+    monkeypatch.setattr(mrc_module, "_advise_random", lambda data: (calls.append(data.shape), real(data)))
+    path = mrc_module.write_stack(tmp_path / "s.mrcs", np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8), 1.0)
+    stack = mrc_module.ImageStack(path)
+    np.testing.assert_array_equal(stack.read([2, 0]), np.arange(3 * 64, dtype=np.float32).reshape(3, 8, 8)[[2, 0]])
+    stack.read([1])
+    stack.close()
+    stack.read([1])
+    assert calls == [(3, 8, 8), (3, 8, 8)]
