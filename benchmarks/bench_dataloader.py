@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -42,25 +41,19 @@ CHUNK = 1_000
 
 
 def machine_facts() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import psutil
     import torch
+    from _common import machine
 
+    base = machine()
     return {
-        "nproc": os.cpu_count(),
+        "nproc": base["nproc"],
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu,
+        "cpu_model": base["cpu"],
         "mem_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
+        "python": base["python"],
         "torch": torch.__version__,
-        "platform": platform.platform(),
+        "platform": base["platform"],
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
