@@ -96,7 +96,7 @@ def load_ground_truth(cfg: DictConfig, datamodule, n_particles: int, box: int, a
         truth_dir = getattr(datamodule, "truth_dir", None) if datamodule is not None else None
         if not truth_dir:
             return None
-        from hetero.data.synthetic import load_truth
+        from hetero.data.synthetic import SyntheticDataset, load_truth
 
         raw = load_truth(truth_dir)
         truth["source"] = f"synthetic ({truth_dir})"
@@ -105,7 +105,7 @@ def load_ground_truth(cfg: DictConfig, datamodule, n_particles: int, box: int, a
             if raw.get(key) is not None:
                 truth[key] = np.asarray(raw[key])
         particles = getattr(datamodule, "particles", None)
-        if cfg.get("oracle", True) and type(particles).__name__ == "SyntheticDataset":
+        if cfg.get("oracle", True) and isinstance(particles, SyntheticDataset):
             truth["dataset"] = particles  # for the oracle classifier (the ceiling of ARI)
         if raw.get("volumes") is not None:
             vapix = float(raw.get("apix", apix))
@@ -537,8 +537,8 @@ def _print_summary(metrics: dict, report: Path) -> None:
     if "clusters" in metrics:
         table.add_row("clusters", str(metrics["clusters"]["k"]))
     gt = metrics.get("ground_truth") or {}
-    for key in ("ari", "ami", "oracle_ari", "ari_fraction_of_oracle", "per_state_auc_mean", "per_state_res_0.5_mean", "per_state_res_0.143_mean",
-                "per_image_fsc_auc_mean"):
+    for key in ("ari", "ami", "oracle_ari", "ari_fraction_of_oracle", "per_state_auc_mean",
+                "per_state_res_0.5_mean", "per_state_res_0.143_mean", "per_image_fsc_auc_mean"):
         if key in gt:
             table.add_row(key, f"{float(gt[key]):.4g}")
     for v in (gt.get("neighbourhood_similarity") or {}).values():
