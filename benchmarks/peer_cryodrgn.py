@@ -145,11 +145,6 @@ def train_and_score(
         row["per_image_fsc_auc_mean"] = float(aucs.mean())
     row["neighbourhood_similarity"] = None
     if truth.get("t") is not None:
-        m = min(n, 20000)
-        row["neighbourhood_similarity"] = {
-            f"{f:g}": {"k": (k := int(min(m - 1, max(1, round(f * m))))),
-                       "similarity": M.neighbourhood_similarity(z, truth["t"], k, max_points=m, seed=0)}
-            for f in neighbourhood_fractions
-        }
+        row["neighbourhood_similarity"] = M.neighbourhood_scores(z, truth["t"], neighbourhood_fractions)
     row["analyze_seconds"] = round(time.perf_counter() - start, 1)
     return row

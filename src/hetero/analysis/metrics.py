@@ -137,3 +137,17 @@ def neighbourhood_similarity(
     a, b = neighbours(z), neighbours(t)
     overlap = [len(np.intersect1d(a[i], b[i], assume_unique=True)) for i in range(n)]
     return float(np.mean(overlap) / k)
+
+
+def neighbourhood_scores(
+    z: np.ndarray, truth: np.ndarray, fractions=(0.01, 0.05), max_points: int = 20000, seed: int = 0
+) -> dict[str, dict]:
+    """:func:`neighbourhood_similarity` at ``k = fraction x m`` for each fraction, where ``m`` is
+    ``min(N, max_points)``: ``{"0.01": {"k": k, "similarity": s}, ...}`` (random ~ ``k / m``)."""
+    m = min(len(z), int(max_points))
+    out = {}
+    for frac in fractions:
+        k = int(min(m - 1, max(1, round(float(frac) * m))))
+        out[f"{float(frac):g}"] = {"k": k, "similarity": neighbourhood_similarity(z, truth, k, max_points=m,
+                                                                                   seed=seed)}
+    return out

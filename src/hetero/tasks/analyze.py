@@ -458,11 +458,7 @@ def _ground_truth_metrics(cfg, truth, z, decode_to_original, write_series, progr
     t = truth.get("t")
     if t is not None and zdim > 0:
         m = min(n, int(cfg.neighbourhood_max_points))
-        sims = {}
-        for frac in cfg.neighbourhood_fractions:
-            k = int(min(m - 1, max(1, round(float(frac) * m))))
-            sims[f"{float(frac):g}"] = {"k": k, "similarity": M.neighbourhood_similarity(
-                z, t, k, max_points=m, seed=int(cfg.seed))}
+        sims = M.neighbourhood_scores(z, t, cfg.neighbourhood_fractions, m, seed=int(cfg.seed))
         gt["neighbourhood_similarity"] = sims
         blocks.append(R.table([(f, v["k"], v["similarity"], min(1.0, v["k"] / max(m - 1, 1)))
                                for f, v in sims.items()],

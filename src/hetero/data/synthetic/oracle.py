@@ -25,7 +25,6 @@ Example usage::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +33,6 @@ import torch
 
 from hetero.data.synthetic.molecule import PseudoAtomMolecule
 from hetero.data.synthetic.simulate import STACK_NAME, SyntheticDataset
-
-log = logging.getLogger(__name__)
 
 __all__ = ["oracle_assignment"]
 
