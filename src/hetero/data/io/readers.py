@@ -35,6 +35,7 @@ from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.mrc import ImageStack, StackCollection, read_header
 from hetero.data.io.star import read_star
 from hetero.data.particles import ParticleTable
+from hetero.utils.memory import release_freed_memory
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -232,6 +233,8 @@ def read_particles(
         table = _stack_table(path, _stack_list(path, datadir), ctf, pixel_size_angstrom)
     else:
         table = _stack_table(path, [str(path.resolve())], ctf, pixel_size_angstrom)
+    # The parsers' temporary frames are gone; hand their memory back before workers fork.
+    release_freed_memory()
     table = _apply_pickles(table, path, poses, ctf)
     _check_finite(table)
     check_stacks(table)
