@@ -166,7 +166,9 @@ def main() -> None:
             from peer_cryodrgn import ensure_venv, train_and_score
 
             exe = ensure_venv(REPO / args.cryodrgn_venv)
-            row = train_and_score(exe, dataset, workdir / f"{tag}-cryodrgn", args.epochs, args.train_box,
+            # Other widths get their own folder, next to the default-width run.
+            folder = f"{tag}-cryodrgn" + ("" if args.cryodrgn_dim == 256 else f"{args.cryodrgn_dim}")
+            row = train_and_score(exe, dataset, workdir / folder, args.epochs, args.train_box,
                                   zdim=8, dim=args.cryodrgn_dim)
         row["date"] = date.today().isoformat()
         results.append(row)
