@@ -23,16 +23,18 @@ def _rss_mb() -> float:
 @pytest.mark.skipif(memory._glibc() is None, reason="needs glibc (malloc_trim)")
 def test_fragmented_heap_is_returned():
     """64 KB blocks (below glibc's mmap threshold) interleaved with small live ones: freeing the
-    big ones leaves holes that glibc keeps mapped until malloc_trim."""
+    big ones leaves holes that glibc keeps mapped (in a fresh process RSS does not drop at all
+    on ``del``) until malloc_trim. Measured against the peak, since in a long-lived process
+    some blocks land contiguously and go back to the OS on ``del`` already."""
     big, small = [], []
-    for _ in range(2400):  # 150 MB in holes
+    for _ in range(2400):  # 150 MB
         big.append(np.ones(8192))  # 64 KB, from the heap
-        small.append(np.ones(64))  # keeps each hole from merging into the heap top
+        small.append(np.ones(64))  # keeps each hole from merging with its neighbours
+    peak = _rss_mb()
     del big
-    before = _rss_mb()
     assert "glibc" in release_freed_memory()
     after = _rss_mb()
-    assert before - after > 100, (before, after)
+    assert peak - after > 0.8 * 150, (peak, after)
     assert all(float(s[0]) == 1.0 for s in small)  # live memory untouched
 
 
