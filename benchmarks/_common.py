@@ -41,3 +41,24 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "nproc": os.cpu_count(), "memory_gb": mem_gb,
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def repeated_table(table, paths: list[str], per_stack: int, n: int):
+    """An ``n``-particle ``ParticleTable`` over ``paths`` (``per_stack`` images each) whose
+    metadata repeats ``table``'s rows (``table`` has ``per_stack`` rows)."""
+    import numpy as np
+
+    from hetero.data.particles import ParticleTable
+
+    copies = len(paths)
+
+    def rep(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a] * copies)[:n]
+
+    return ParticleTable(
+        image_paths=np.repeat(np.array(paths, dtype=object), per_stack)[:n],
+        image_indices=rep(table.image_indices), box_size=table.box_size,
+        pixel_size_angstrom=rep(table.pixel_size_angstrom), rotations=rep(table.rotations),
+        origins_px=rep(table.origins_px), ctf=rep(table.ctf), half_set=rep(table.half_set),
+        source=f"{copies} copies of {table.source}",
+    )

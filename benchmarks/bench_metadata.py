@@ -34,8 +34,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-from _common import machine
+from _common import machine, repeated_table
 
 PER_STACK = 1000
 
@@ -52,7 +51,6 @@ def build(scratch: Path, n: int) -> Path:
     """The ``n``-particle star file (made once; stacks are links to one simulated stack)."""
     from hetero.data.io.readers import read_particles
     from hetero.data.io.star import write_star
-    from hetero.data.particles import ParticleTable
     from hetero.data.synthetic import SyntheticDataset
 
     star = scratch / f"n{n}" / "particles.star"
@@ -71,15 +69,7 @@ def build(scratch: Path, n: int) -> Path:
             link.symlink_to(source)
         paths.append(str(link))
 
-    def rep(a: np.ndarray) -> np.ndarray:
-        return np.concatenate([a] * copies)[:n]
-
-    big = ParticleTable(
-        image_paths=np.repeat(np.array(paths, dtype=object), PER_STACK)[:n],
-        image_indices=rep(table.image_indices), box_size=table.box_size,
-        pixel_size_angstrom=rep(table.pixel_size_angstrom), rotations=rep(table.rotations),
-        origins_px=rep(table.origins_px), ctf=rep(table.ctf), half_set=rep(table.half_set),
-    )
+    big = repeated_table(table, paths, PER_STACK, n)
     tmp = star.with_name("particles.tmp.star")
     write_star(tmp, big)
     tmp.rename(star)

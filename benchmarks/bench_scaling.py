@@ -37,8 +37,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-from _common import machine
+from _common import machine, repeated_table
 from bench_dataloader import MemorySampler, evict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,6 @@ def build(scratch: Path, sizes: list[int], box: int, apix: float) -> dict[int, P
     """Star files of every size over copies of one simulated stack (made once, then reused)."""
     from hetero.data.io.readers import read_particles
     from hetero.data.io.star import write_star
-    from hetero.data.particles import ParticleTable
     from hetero.data.synthetic import SyntheticDataset
 
     base = SyntheticDataset(kind="discrete", n_particles=PER_STACK, box_size=box, snr=0.05,
@@ -72,16 +70,7 @@ def build(scratch: Path, sizes: list[int], box: int, apix: float) -> dict[int, P
                 dst.with_suffix(".tmp").rename(dst)
             paths.append(str(dst))
 
-        def rep(a: np.ndarray, copies: int = copies, n: int = n) -> np.ndarray:
-            return np.concatenate([a] * copies)[:n]
-
-        big = ParticleTable(
-            image_paths=np.repeat(np.array(paths, dtype=object), PER_STACK)[:n],
-            image_indices=rep(table.image_indices), box_size=table.box_size,
-            pixel_size_angstrom=rep(table.pixel_size_angstrom), rotations=rep(table.rotations),
-            origins_px=rep(table.origins_px), ctf=rep(table.ctf), half_set=rep(table.half_set),
-            source=f"{copies} copies of {base.truth_dir}",
-        )
+        big = repeated_table(table, paths, PER_STACK, n)
         write_star(folder / "particles.tmp.star", big)
         (folder / "particles.tmp.star").rename(star)
     return stars
