@@ -18,25 +18,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
-_libc = None
 
-
+@functools.cache
 def _glibc():
     """The C library when it is glibc (has ``malloc_trim``), else ``None``; looked up once."""
-    global _libc
-    if _libc is None:
-        _libc = False
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib.malloc_trim.argtypes = [ctypes.c_size_t]
-                lib.malloc_trim.restype = ctypes.c_int
-                _libc = lib
-            except (OSError, AttributeError):  # musl and others have no malloc_trim
-                pass
-    return _libc or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+    return lib
 
 
 def release_freed_memory() -> list[str]:
