@@ -54,7 +54,11 @@ def _write_mrc(path: Path, data: np.ndarray, voxel: float = 1.0) -> Path:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+    """Every file under ``folder`` (relative path -> bytes, mtime)."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _rotation_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -622,8 +626,7 @@ def test_inputs_untouched_by_reading(tmp_path, conformance_dir):
     read_cs(work / CS_FILE)
     read_cryodrgn_ctf(work / "test_ctf.pkl")
     validate_pixels(read_particles(work / "hand.mrcs", pixel_size_angstrom=1.0), n_sample=8)
-    assert _snapshot(work) == before
-    assert sorted(p.name for p in work.iterdir()) == sorted(before)
+    assert _snapshot(work) == before  # same files, same bytes, same times: nothing added or changed
 
 
 def test_stack_memory_maps_are_advised_random_access(tmp_path, monkeypatch):
