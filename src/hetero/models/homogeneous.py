@@ -87,7 +87,7 @@ class HomogeneousModel(HeteroModel):
             if torch.any(batch["ctf"][:, 3] > 0):
                 from hetero.physics.ctf import ctf_table_compute
 
-                ctf = ctf_table_compute(batch["ctf"].float(), acc.padded_size, batch["apix"].float())
+                ctf = ctf_table_compute(batch["ctf"].float(), acc.ctf_size, batch["apix"].float())
             acc.add(self.targets(batch), batch["rotation"].float(), None, ctf)
             seen += batch["image"].shape[0]
             if seen >= self.init_max_particles:

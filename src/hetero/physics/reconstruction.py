@@ -12,14 +12,14 @@ does, samples every voxel of the padded grid, including the fractional frequenci
 ``|k| < 1`` (in units of ``1 / (D * apix)``) that ``D``-sized slices would leave to
 interpolation; without it the total density of an off-centre map came out ~40 % low.
 
-The CTF must be given on the padded grid: ``compute_ctf(acc.padded_size, apix, ...)`` (same
-pixel size, ``P`` pixels; :attr:`BackprojectionAccumulator.padded_size`).
+The CTF must be given on the grid :attr:`BackprojectionAccumulator.ctf_size` (same pixel size):
+``compute_ctf(acc.ctf_size, apix, ...)``. Callers never assume which grid that is.
 
 Example usage::
 
     acc = BackprojectionAccumulator(box_size=64)
     for batch in loader:
-        ctf = compute_ctf(acc.padded_size, apix, *ctf_params)
+        ctf = compute_ctf(acc.ctf_size, apix, *ctf_params)
         acc.add(batch_images, rotations, shifts_px=-origin_px, ctf=ctf)
     volume = acc.reconstruct(wiener_snr=10.0)
 """
@@ -50,6 +50,12 @@ class BackprojectionAccumulator:
         self.numerator = torch.zeros((self.padded_size,) * 3, dtype=cdtype, device=device)
         self.weight = torch.zeros((self.padded_size,) * 3, dtype=dtype, device=device)
         self.count = 0
+
+    @property
+    def ctf_size(self) -> int:
+        """Side of the square grid on which :meth:`add` expects the CTF (pixels, same pixel size
+        as the images): ``compute_ctf(acc.ctf_size, apix, ...)``."""
+        return self.padded_size
 
     def add(
         self,
