@@ -20,7 +20,8 @@ buffer                  shape        meaning
 ``boundary_epoch``      ()           last epoch whose start-of-epoch tasks have run
 ======================= ============ =========================================================
 
-Start-of-epoch tasks (:func:`epoch_boundary`, for the epoch ``p`` just finished): train both
+Per-epoch statistics are summed over ranks after the last training batch
+(:func:`sync_epoch_statistics`), before validation and the checkpoint. Start-of-epoch tasks (:func:`epoch_boundary`, for the epoch ``p`` just finished): train both
 encoders on the validation particles and collect residual spectra; update the whitening;
 check the update rates; re-estimate the consensus; step refined poses; rebuild the radius
 graphs; calibrate lambda. Running them at the *start* of the next epoch means a checkpoint
@@ -192,8 +193,6 @@ def epoch_boundary(m, epoch: int) -> None:
     p = epoch - 1
     sched = m.schedule
     if p >= 0:
-        dist.all_reduce_sum(m.epoch_loss)
-        merge_pools(m)
         frozen = bool(m.frozen_epoch >= 0)
         if not sched.is_warmup(p):
             spectra = validation_pass(m, train_encoders=True)
@@ -213,9 +212,12 @@ def epoch_boundary(m, epoch: int) -> None:
     m.boundary_epoch.fill_(epoch)
 
 
-def merge_pools(m) -> None:
+def sync_epoch_statistics(m) -> None:
+    """After an epoch's last batch (before validation and the checkpoint): sum the epoch losses
+    and merge the least-deformed pools over ranks, so the checkpoint holds the global values."""
     if dist.world_size() <= 1:
         return
+    dist.all_reduce_sum(m.epoch_loss)
     for h in (0, 1):
         score, z = dist.gather_rows(m.pool_score[h]), dist.gather_rows(m.pool_z[h])
         keep = torch.topk(score, m.pool_score.shape[1], largest=False).indices

@@ -241,10 +241,14 @@ class DynaMight(HeteroModel):
         self.log_dict(logs, batch_size=len(prep))
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            E.sync_epoch_statistics(self)
+
     def on_train_epoch_end(self) -> None:
         for h in (0, 1):
-            self.log(f"train/lambda_half{h + 1}", float(self.reg_weight[h]))
-            self.log(f"train/update_rate_half{h + 1}", float(self.update_rate[h]))
+            self.log(f"train/lambda_half{h + 1}", float(self.reg_weight[h]), sync_dist=True)
+            self.log(f"train/update_rate_half{h + 1}", float(self.update_rate[h]), sync_dist=True)
         if int(self.frozen_epoch) >= 0 and self.current_epoch + 1 >= self.schedule.stop_epoch(int(self.frozen_epoch)):
             log.info(f"DynaMight: consensus frozen since epoch {int(self.frozen_epoch)}; stopping")
             self.trainer.should_stop = True
@@ -273,4 +277,4 @@ class DynaMight(HeteroModel):
     def on_validation_epoch_end(self) -> None:
         r2 = E.solve_alignment(self)
         if r2 is not None:
-            self.log("val/latent_alignment_r2", r2)
+            self.log("val/latent_alignment_r2", r2, sync_dist=True)
