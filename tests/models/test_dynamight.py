@@ -22,6 +22,7 @@ from hetero.models.dynamight import (
     positional_encoding,
     update_rate_check,
 )
+from hetero.models.dynamight import alignment as A
 from hetero.models.dynamight import epoch as E
 from hetero.models.dynamight.initialization import resample_map
 from hetero.physics.ctf import CTF_COLUMNS
@@ -204,8 +205,8 @@ def test_alignment_recovers_an_affine_map_between_latent_spaces():
     b = torch.randn(3, generator=g)
     z2 = (z1 - b) @ torch.linalg.inv(M)          # half 2 sees z1 through an affine change
     m.align_stats.zero_()
-    E.accumulate_alignment(m, z2, z1)
-    r2 = E.solve_alignment(m)
+    A.accumulate_alignment(m, z2, z1)
+    r2 = A.solve_alignment(m)
     assert r2 == pytest.approx(1.0, abs=1e-5)
     mapped = torch.cat([z2, torch.ones(200, 1)], 1) @ m.latent_map
     torch.testing.assert_close(mapped, z1, atol=1e-3, rtol=1e-3)

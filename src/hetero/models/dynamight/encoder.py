@@ -11,7 +11,6 @@ The output is ``(mu, log sigma)`` as everywhere in hetero (the reference predict
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}

@@ -73,37 +73,6 @@ def register_state(m, box: int, zdim: int, pooled: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def initialize_consensus(m) -> None:
-    """Fit both consensus models to their initial map (rank 0's result is broadcast)."""
-    from hetero.data.io.mrc import read_volume
-    from hetero.models.dynamight.initialization import half_set_maps, resample_map
-
-    cfg, d = m.cfg, m.box_size
-    if cfg["consensus_map"]:
-        vol, voxel = read_volume(cfg["consensus_map"])
-        vol = resample_map(vol, voxel, d, m.apix, m.particle_diameter, str(cfg["consensus_map"]))
-        maps = [vol, vol]
-        log.info(f"Consensus map {cfg['consensus_map']} ({vol.shape[-1]} px at {voxel:.4g} Å) resampled to {d} px")
-    else:
-        dm = m.trainer.datamodule if m.trainer is not None else None
-        if dm is None or getattr(dm, "train_dataset", None) is None:
-            raise RuntimeError("model=dynamight without model.consensus_map needs the data module "
-                               "to reconstruct the consensus maps (train through train.py)")
-        maps, used = half_set_maps(dm, d, cfg["init_max_particles"], cfg["init_wiener_snr"],
-                                   cfg["init_seed"], m.device)
-        log.info(f"Consensus maps: backprojections of {len(used[0])} / {len(used[1])} particles of "
-                 "half sets 1 / 2")
-    gen = torch.Generator().manual_seed(cfg["init_seed"])
-    for h, vae in enumerate(m.halves):
-        threshold = vae.consensus.seed(maps[h], cfg["initial_threshold"], cfg["initial_quantile"], gen)
-        res = vae.consensus.fit(maps[h].to(m.device), cfg["fit_steps"], cfg["fit_lr"])
-        log.info(f"Half set {h + 1}: {vae.consensus.n_gaussians} Gaussians seeded above {threshold:.4g}; "
-                 f"relative residual {res['scale_residual']:.3f} (scale) -> {res['fit_residual']:.3f} (fit)")
-        for p in vae.consensus.parameters():
-            dist.broadcast_(p.data)
-    m.initialized.fill_(True)
-
-
 def rebuild_graphs(m) -> None:
     m.graphs = [m.regularizer.graph(vae.consensus.positions_angstrom().detach()) for vae in m.halves]
 
@@ -378,34 +347,3 @@ def calibrate_regularization(m) -> None:
         if float(m.update_rate[h]) > 0:
             m.reg_weight[h] = balanced_weight(norms[h, 0], norms[h, 1], m.regularization_factor,
                                               m.regularization_floor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Latent-space alignment (validation particles are encoded by both halves)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def accumulate_alignment(m, source: Tensor, target: Tensor) -> None:
-    """Second moments of ``u = [z_half2, 1, z_half1]`` of validation particles."""
-    u = torch.cat([source.float(), torch.ones_like(source[:, :1]).float(), target.float()], 1)
-    m.align_stats += u.T @ u
-
-
-def solve_alignment(m) -> float | None:
-    """Least-squares affine map (ridge ``1e-6 n``) of half-2 onto half-1 latents of the
-    validation particles -> ``latent_map``; returns R^2 (``None`` with too few particles)."""
-    stats = dist.all_reduce_sum(m.align_stats.clone()).double()
-    z = m.latent_map.shape[1]
-    xtx, xty, yty = stats[: z + 1, : z + 1], stats[: z + 1, z + 1 :], stats[z + 1 :, z + 1 :]
-    n = float(xtx[-1, -1])
-    if n < z + 2:
-        return None
-    ridge = 1e-6 * n * torch.eye(z + 1, dtype=xtx.dtype, device=xtx.device)
-    ridge[-1, -1] = 0.0
-    sol = torch.linalg.solve(xtx + ridge, xty)
-    m.latent_map.copy_(sol.float())
-    sse = torch.trace(yty - 2 * sol.T @ xty + sol.T @ xtx @ sol)
-    mean = xty[-1] / n
-    sst = torch.trace(yty) - n * float((mean * mean).sum())
-    return float(1.0 - sse / sst) if sst > 0 else None

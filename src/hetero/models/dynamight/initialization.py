@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hetero.data.io.errors import InputError
+from hetero.models.dynamight import distributed as dist
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.fourier import fourier_crop_3d
 from hetero.physics.projection import centered_grid_3d
 from hetero.physics.reconstruction import BackprojectionAccumulator
+from hetero.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__)
 
 
 def resample_map(
@@ -91,3 +95,33 @@ def half_set_maps(
         maps.append(acc.reconstruct(wiener_snr=wiener_snr).float())
         used.append(dm.train_indices[positions])
     return maps, used
+
+
+def initialize_consensus(m) -> None:
+    """Fit both consensus models to their initial map (rank 0's result is broadcast)."""
+    from hetero.data.io.mrc import read_volume
+
+    cfg, d = m.cfg, m.box_size
+    if cfg["consensus_map"]:
+        vol, voxel = read_volume(cfg["consensus_map"])
+        vol = resample_map(vol, voxel, d, m.apix, m.particle_diameter, str(cfg["consensus_map"]))
+        maps = [vol, vol]
+        log.info(f"Consensus map {cfg['consensus_map']} ({vol.shape[-1]} px at {voxel:.4g} Å) resampled to {d} px")
+    else:
+        dm = m.trainer.datamodule if m.trainer is not None else None
+        if dm is None or getattr(dm, "train_dataset", None) is None:
+            raise RuntimeError("model=dynamight without model.consensus_map needs the data module "
+                               "to reconstruct the consensus maps (train through train.py)")
+        maps, used = half_set_maps(dm, d, cfg["init_max_particles"], cfg["init_wiener_snr"],
+                                   cfg["init_seed"], m.device)
+        log.info(f"Consensus maps: backprojections of {len(used[0])} / {len(used[1])} particles of "
+                 "half sets 1 / 2")
+    gen = torch.Generator().manual_seed(cfg["init_seed"])
+    for h, vae in enumerate(m.halves):
+        threshold = vae.consensus.seed(maps[h], cfg["initial_threshold"], cfg["initial_quantile"], gen)
+        res = vae.consensus.fit(maps[h].to(m.device), cfg["fit_steps"], cfg["fit_lr"])
+        log.info(f"Half set {h + 1}: {vae.consensus.n_gaussians} Gaussians seeded above {threshold:.4g}; "
+                 f"relative residual {res['scale_residual']:.3f} (scale) -> {res['fit_residual']:.3f} (fit)")
+        for p in vae.consensus.parameters():
+            dist.broadcast_(p.data)
+    m.initialized.fill_(True)

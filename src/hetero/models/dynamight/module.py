@@ -29,18 +29,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from hetero.losses.geometric import GeometricRegularization
 from hetero.models.base import HeteroModel
 from hetero.models.components.renderer import has_ctf
-from hetero.models.dynamight import distributed as dist
+from hetero.models.dynamight import alignment as A
 from hetero.models.dynamight import epoch as E
 from hetero.models.dynamight.half import HalfSetVAE, PreparedBatch, kl_weight, phase_ramp_rfft
+from hetero.models.dynamight.initialization import initialize_consensus
 from hetero.models.dynamight.schedule import DynaMightSchedule
 from hetero.models.opusdsd.module import _plain
 from hetero.physics.ctf import ctf_table_compute
+from hetero.physics.gaussians import centered_to_rfft
 from hetero.physics.masks import circular_mask
 from hetero.utils.pylogger import RankedLogger
 
@@ -54,6 +57,11 @@ class DynaMight(HeteroModel):
     for every parameter (names and defaults there are the documentation)."""
 
     embedding_key = "z_mu"
+    analysis_steps = (
+        "hetero.models.dynamight.steps.pseudo_atoms",
+        "hetero.models.dynamight.steps.deformations",
+        "hetero.models.dynamight.steps.half_set_error",
+    )
 
     def __init__(
         self, box_size: int, apix: float, template_size: int | None = None,
@@ -61,7 +69,8 @@ class DynaMight(HeteroModel):
         zdim: int = 6, n_gaussians: int = 10000, consensus_map: str | None = None,
         particle_diameter: float | None = None, soft_edge: float = 20.0,
         encoder_hidden: list[int] | tuple[int, ...] = (256, 128), encoder_pool: int = 2,
-        encoder_final_activation: str = "relu", n_frequencies: int = 10,
+        encoder_final_activation: str = "relu", encoder_phase_flip: bool = False,
+        n_frequencies: int = 10,
         decoder_layers: int = 8, decoder_width: int = 32,
         initial_threshold: float | None = None, initial_quantile: float = 0.99,
         initial_width_px: float | None = None, min_width_px: float = 0.75, max_width_px: float = 4.0,
@@ -118,6 +127,7 @@ class DynaMight(HeteroModel):
         self.lrs = dict(encoder=encoder_lr, decoder=decoder_lr, consensus=consensus_lr, warmup=warmup_lr)
         self.warmup_updates_positions = bool(warmup_updates_positions)
         self.target_mask = bool(target_mask)
+        self.encoder_phase_flip = bool(encoder_phase_flip)
         self.decode_half = int(decode_half) - 1
         self.pose_refinement = bool(pose_refinement)
         mask = circular_mask(d, self.particle_diameter / (2 * self.apix), soft_edge / self.apix)
@@ -129,6 +139,7 @@ class DynaMight(HeteroModel):
             self.pose_rotation = torch.nn.Parameter(torch.zeros(self.n_particles, 3))
             self.pose_shift = torch.nn.Parameter(torch.zeros(self.n_particles, 2))
         self.graphs: list = [None, None]
+        self.register_buffer("validation_mask", torch.zeros(max(self.n_particles, 0), dtype=torch.bool))
 
     # ------------------------------------------------------------------ interface
     def prepare(self, batch: dict[str, Tensor]) -> PreparedBatch:
@@ -138,13 +149,17 @@ class DynaMight(HeteroModel):
             img = batch["image"].float()
             spec = torch.fft.rfft2(torch.fft.ifftshift(img, dim=(-2, -1)))
             spec = spec * phase_ramp_rfft(batch["origin_px"].float(), d)
-            centred = torch.fft.fftshift(torch.fft.irfft2(spec, s=(d, d)), dim=(-2, -1))
-            enc = centred * self.mask
-            if self.target_mask:
-                spec = torch.fft.rfft2(torch.fft.ifftshift(enc, dim=(-2, -1)))
             ctf = None
             if has_ctf(batch["ctf"]):
                 ctf = ctf_table_compute(batch["ctf"].float(), d, batch["apix"].float())
+            enc_spec = spec
+            if self.encoder_phase_flip and ctf is not None:
+                enc_spec = spec * torch.sign(centered_to_rfft(ctf))
+            centred = torch.fft.fftshift(torch.fft.irfft2(enc_spec, s=(d, d)), dim=(-2, -1))
+            enc = centred * self.mask
+            if self.target_mask:
+                masked = torch.fft.fftshift(torch.fft.irfft2(spec, s=(d, d)), dim=(-2, -1)) * self.mask
+                spec = torch.fft.rfft2(torch.fft.ifftshift(masked, dim=(-2, -1)))
             return PreparedBatch(spec, enc, ctf, batch["rotation"].float(), batch["index"], batch["half"])
 
     @torch.no_grad()
@@ -165,9 +180,12 @@ class DynaMight(HeteroModel):
                 norm = delta.norm(dim=-1)
                 rmsd[sel] = norm.pow(2).mean(-1).sqrt()
                 largest[sel] = norm.amax(-1)
-        return {"index": batch["index"], "z_mu": common, "z_logstd": own_logstd,
+        index = batch["index"]
+        validation = (self.validation_mask[index] if len(self.validation_mask)
+                      else torch.zeros_like(index, dtype=torch.bool))
+        return {"index": index, "z_mu": common, "z_logstd": own_logstd,
                 "z_mu_half1": mus[0], "z_mu_half2": mus[1], "half": prep.half,
-                "deformation_rmsd": rmsd, "deformation_max": largest}
+                "validation": validation, "deformation_rmsd": rmsd, "deformation_max": largest}
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """All of :meth:`predict_step`'s per-particle outputs (``z_mu``: common latent space)."""
@@ -183,10 +201,27 @@ class DynaMight(HeteroModel):
 
     @torch.no_grad()
     def decode_half_set(self, z: Tensor, half: int) -> Tensor:
+        """:meth:`decode` with half set ``half`` (0-based)'s decoder and consensus."""
         vae = self.halves[half]
         positions, _ = vae.deformed(z.to(self.device, torch.float32))
         vols = vae.consensus.rasterize(self.template_size, positions)
         return vols * (self.box_size / self.template_size)
+
+    @torch.no_grad()
+    def deformed_angstrom(self, z: Tensor, half: int) -> Tensor:
+        """``(K, N, 3)`` deformed Gaussian centres (Å from the box centre) of half ``half``."""
+        vae = self.halves[half]
+        positions, _ = vae.deformed(torch.as_tensor(z, dtype=torch.float32, device=self.device))
+        return vae.consensus.positions_angstrom(positions)
+
+    @torch.no_grad()
+    def displacement_field(self, z: Tensor, coords_angstrom: Tensor, half: int) -> Tensor:
+        """Half ``half``'s displacement field ``(K, M, 3)`` (Å) at any ``(M, 3)`` points (Å)."""
+        vae = self.halves[half]
+        extent = vae.consensus.extent_angstrom
+        coords = torch.as_tensor(coords_angstrom, dtype=torch.float32, device=self.device) / extent
+        z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
+        return vae.displacements(z, coords) * extent
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -205,8 +240,13 @@ class DynaMight(HeteroModel):
         precision = str(getattr(self.trainer, "precision", "32-true"))
         if precision.startswith("16"):
             raise ValueError("model=dynamight supports trainer.precision=32-true or bf16-mixed, not fp16")
+        dm = getattr(self.trainer, "datamodule", None)
+        val = getattr(dm, "val_indices", None)
+        if val is not None and len(self.validation_mask) > int(np.max(val, initial=-1)):
+            self.validation_mask.zero_()
+            self.validation_mask[torch.as_tensor(val, dtype=torch.long, device=self.device)] = True
         if not bool(self.initialized):
-            E.initialize_consensus(self)
+            initialize_consensus(self)
         E.rebuild_graphs(self)
 
     def on_train_epoch_start(self) -> None:
@@ -267,7 +307,7 @@ class DynaMight(HeteroModel):
             out = vae.losses(prep, True, None, 0.0, sample=False)
             errors.append(out["data"])
             mus.append(out["mu"])
-        E.accumulate_alignment(self, mus[1], mus[0])
+        A.accumulate_alignment(self, mus[1], mus[0])
         bs = len(prep)
         for h in (0, 1):
             self.log(f"val/loss_half{h + 1}", errors[h], on_epoch=True, sync_dist=True, batch_size=bs)
@@ -275,6 +315,6 @@ class DynaMight(HeteroModel):
                  batch_size=bs)
 
     def on_validation_epoch_end(self) -> None:
-        r2 = E.solve_alignment(self)
+        r2 = A.solve_alignment(self)
         if r2 is not None:
             self.log("val/latent_alignment_r2", r2, sync_dist=True)
