@@ -228,3 +228,24 @@ def test_predict_outputs_and_bf16_autocast():
             m.halves[0].consensus.positions_angstrom().detach()), 1.0)
     assert res["predicted"].dtype == torch.complex64 and res["data"].dtype == torch.float32
     assert torch.isfinite(res["total"])
+
+
+def test_consensus_from_a_user_map_at_another_box(tmp_path):
+    """model.consensus_map: a 40-px map at 2.5 Å/px seeds and fits both half sets' Gaussians
+    in the 16-px, 4 Å/px training box; a map too small for the particle is refused."""
+    from hetero.data.io.mrc import write_volume
+    from hetero.models.dynamight.initialization import initialize_consensus
+
+    centre = torch.tensor([[8.0, -4.0, 6.0]])
+    vol = rasterize_gaussians(centre, 6.0, torch.ones(1), 40, 2.5)
+    write_volume(tmp_path / "map.mrc", vol.numpy(), 2.5)
+    m = small_model(consensus_map=str(tmp_path / "map.mrc"), fit_steps=5)
+    initialize_consensus(m)
+    assert bool(m.initialized)
+    for vae in m.halves:
+        pos = vae.consensus.positions_angstrom().detach()
+        assert float((pos - centre).norm(dim=1).max()) < 12.0  # all seeds in the blob
+    write_volume(tmp_path / "small.mrc", vol[:8, :8, :8].numpy(), 2.5)
+    m = small_model(consensus_map=str(tmp_path / "small.mrc"))
+    with pytest.raises(InputError, match="small.mrc"):
+        initialize_consensus(m)

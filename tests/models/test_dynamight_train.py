@@ -128,7 +128,7 @@ def test_ddp_sim_keeps_both_halves_identical_on_every_rank(tmp_path):
         "++callbacks.state_dump._target_=tests.models.test_dynamight_train.StateDump",
         f"++callbacks.state_dump.folder={dump}",
     ])
-    train(cfg)
+    _, objects = train(cfg)
     r0, r1 = np.load(dump / "rank0.npz"), np.load(dump / "rank1.npz")
     assert set(r0.files) == set(r1.files)
     for key in r0.files:
@@ -136,6 +136,10 @@ def test_ddp_sim_keeps_both_halves_identical_on_every_rank(tmp_path):
     # The epoch tasks ran: lambda calibrated, whitening on, consensus moved from its fit.
     assert np.all(r0["reg_weight"] > 0) and bool(r0["whitening_on"])
     assert int(r0["boundary_epoch"]) == 1
+    # The last epoch's statistics are the sums over both ranks' particles (the sampler pads at
+    # most one batch per rank to equal batch counts).
+    n_train = objects["datamodule"].info()["n_train"]
+    assert n_train <= r0["epoch_loss"][:, 1].sum() <= n_train + 16
 
 
 def test_killed_run_resumes_at_the_same_step_with_its_state(tmp_path):

@@ -52,8 +52,15 @@ from torch import Tensor
 SPLAT_SIGMA_PX = 0.75
 #: Default stencil half-width in units of the splatted sigma.
 TRUNCATE = 4.0
-#: Stencil elements (batch x Gaussians x W^ndim) processed at a time inside the splat.
+#: Stencil elements (batch x Gaussians x W^ndim) processed at a time inside the splat (CPU);
+#: on CUDA ``CUDA_CHUNK_ELEMENTS`` (bounds the transient memory to ~12 bytes per element).
 CHUNK_ELEMENTS = 1 << 23
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk(device: torch.device, per_gaussian: int) -> int:
+    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, budget // max(1, per_gaussian))
 
 
 def _float(x: Tensor) -> Tensor:
@@ -101,7 +108,7 @@ class _Splat(torch.autograd.Function):
         b, n, width = profiles[0].shape
         ndim = len(profiles)
         out = weights.new_zeros(b, size**ndim)
-        step = max(1, CHUNK_ELEMENTS // max(1, b * width**ndim))
+        step = _chunk(weights.device, b * width**ndim)
         for s in range(0, n, step):
             e = min(n, s + step)
             first = profiles[0][:, s:e] * weights[:, s:e, None]
@@ -121,7 +128,7 @@ class _Splat(torch.autograd.Function):
         need_p = ctx.needs_input_grad[3 + n_axes :]
         grad_w = torch.zeros_like(weights) if need_w else None
         grad_p = [torch.zeros_like(p) if need else None for p, need in zip(profiles, need_p)]
-        step = max(1, CHUNK_ELEMENTS // max(1, b * width**n_axes))
+        step = _chunk(weights.device, b * width**n_axes)
         grad_out = grad_out.contiguous()
         dims = tuple(range(2, 2 + n_axes))
         for s in range(0, n, step):

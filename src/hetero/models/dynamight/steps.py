@@ -187,7 +187,7 @@ def half_set_error(ctx) -> None:
     xyz = _frame(ctx, pos)
     dis = res["rms_difference"]
     npz = _savez(out / "disagreement.npz", **res, positions=pos, validation_indices=idx)
-    sigma = float(model.halves[0].consensus.sigma_angstrom().mean()) * 1.5
+    sigma = float(model.halves[0].consensus.sigma_angstrom().detach().mean()) * 1.5
     values = A.write_value_map(out / "disagreement.mrc", pos, dis, sigma, ctx.box, ctx.apix)
     density = ctx.out / "dynamight" / "consensus_half1.mrc"
     if not density.is_file():
