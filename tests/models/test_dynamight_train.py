@@ -124,7 +124,7 @@ def _with_callback(extra):
 def test_ddp_sim_keeps_both_halves_identical_on_every_rank(tmp_path):
     dump = tmp_path / "dump"
     cfg = compose_train(tmp_path, [
-        *TINY_DYNAMIGHT, "trainer=ddp_sim", "trainer.max_epochs=2",
+        *TINY_DYNAMIGHT, "trainer=ddp_sim", "trainer.max_epochs=2", "model.pose_refinement=true",
         "++callbacks.state_dump._target_=tests.models.test_dynamight_train.StateDump",
         f"++callbacks.state_dump.folder={dump}",
     ])
@@ -140,6 +140,11 @@ def test_ddp_sim_keeps_both_halves_identical_on_every_rank(tmp_path):
     # most one batch per rank to equal batch counts).
     n_train = objects["datamodule"].info()["n_train"]
     assert n_train <= r0["epoch_loss"][:, 1].sum() <= n_train + 16
+    # Pose refinement: one step on the first epoch's gradients summed over both ranks moved
+    # the poses of (only) the training particles.
+    moved = np.abs(r0["pose_rotation"]).sum(1) > 0
+    val = objects["datamodule"].val_indices
+    assert moved.sum() >= n_train - 16 and not moved[val].any()
 
 
 def test_killed_run_resumes_at_the_same_step_with_its_state(tmp_path):

@@ -116,6 +116,9 @@ def set_learning_rates(m, opt, phase: str) -> dict[str, bool]:
     base = m.base_lr()
     active = {}
     for g in opt.param_groups:
+        if g["name"] == "pose":
+            active["pose"] = False  # stepped once per epoch (step_poses)
+            continue
         group, h = g["name"][:-1], int(g["name"][-1])
         rate = float(m.update_rate[h])
         if group == "consensus":
@@ -135,11 +138,11 @@ def step_groups(m, lightning_opt, phase: str, counts: Tensor) -> None:
     active = set_learning_rates(m, opt, phase)
     dist.all_reduce_sum(counts)
     for g in opt.param_groups:
-        h = int(g["name"][-1])
-        if not active[g["name"]] or float(counts[h]) == 0:
+        if not active[g["name"]] or float(counts[int(g["name"][-1])]) == 0:
             for p in g["params"]:
                 p.grad = None
             continue
+        h = int(g["name"][-1])
         dist.sum_gradients(g["params"])
         for p in g["params"]:
             if p.grad is not None:
@@ -187,6 +190,8 @@ def sync_epoch_statistics(m) -> None:
     if dist.world_size() <= 1:
         return
     dist.all_reduce_sum(m.epoch_loss)
+    if m.pose_refinement:
+        dist.all_reduce_sum(m.pose_grad)
     for h in (0, 1):
         score, z = dist.gather_rows(m.pool_score[h]), dist.gather_rows(m.pool_z[h])
         keep = torch.topk(score, m.pool_score.shape[1], largest=False).indices
@@ -224,7 +229,8 @@ def validation_pass(m, train_encoders: bool) -> Tensor | None:
     sums = torch.zeros(2, n_shells + 1, device=m.device)
     opt = m.optimizers().optimizer
     for g in opt.param_groups:
-        g["lr"] = m.lrs["encoder"] or m.base_lr()
+        if g["name"].startswith("encoder"):
+            g["lr"] = m.lrs["encoder"] or m.base_lr()
     for batch in _batches(ds, np.arange(len(ds)), m.cfg["boundary_batch_size"], m.device):
         opt.zero_grad(set_to_none=True)
         if batch is None:
@@ -310,14 +316,29 @@ def reestimate_consensus(m) -> None:
         log.info(f"Half set {h + 1}: consensus re-estimated from {int(finite.sum())} least-deformed particles")
 
 
+@torch.no_grad()
+def accumulate_pose_gradients(m) -> None:
+    """Move this batch's pose gradients into ``pose_grad`` (they are stepped once per epoch)."""
+    if not m.pose_refinement:
+        return
+    for p, cols in ((m.pose_rotation, slice(0, 3)), (m.pose_shift, slice(3, 5))):
+        if p.grad is not None:
+            m.pose_grad[:, cols] += p.grad
+            p.grad = None
+
+
 def step_poses(m) -> None:
-    params = [m.pose_rotation, m.pose_shift]
-    dist.sum_gradients(params)
-    if not hasattr(m, "_pose_opt"):
-        m._pose_opt = torch.optim.Adam(params, lr=m.cfg["pose_lr"])
-    if any(p.grad is not None for p in params):
-        m._pose_opt.step()
-    m._pose_opt.zero_grad(set_to_none=True)
+    """One Adam step of the per-particle poses on the epoch's accumulated gradients (already
+    summed over ranks after the epoch's last batch)."""
+    opt = m.optimizers().optimizer
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = None
+    m.pose_rotation.grad = m.pose_grad[:, :3].clone()
+    m.pose_shift.grad = m.pose_grad[:, 3:].clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    m.pose_grad.zero_()
 
 
 def calibrate_regularization(m) -> None:

@@ -136,8 +136,11 @@ class DynaMight(HeteroModel):
         if self.pose_refinement:
             if self.n_particles <= 0:
                 raise ValueError("model.pose_refinement needs n_particles (from the data module)")
+            # Per-particle corrections (axis-angle rotation in radians, shift in pixels), stepped
+            # once per epoch on the gradients accumulated over it (reference PoseModule).
             self.pose_rotation = torch.nn.Parameter(torch.zeros(self.n_particles, 3))
             self.pose_shift = torch.nn.Parameter(torch.zeros(self.n_particles, 2))
+            self.register_buffer("pose_grad", torch.zeros(self.n_particles, 5))
         self.graphs: list = [None, None]
         self.register_buffer("validation_mask", torch.zeros(max(self.n_particles, 0), dtype=torch.bool))
 
@@ -229,6 +232,9 @@ class DynaMight(HeteroModel):
         for group in GROUPS:
             for h, vae in enumerate(self.halves):
                 params.append({"params": list(getattr(vae, group).parameters()), "name": f"{group}{h}"})
+        if self.pose_refinement:
+            params.append({"params": [self.pose_rotation, self.pose_shift], "name": "pose",
+                           "lr": self.cfg["pose_lr"]})
         factory = self._optimizer_factory or (lambda p, **kw: torch.optim.Adam(p, lr=1e-4))
         return factory(params)
 
@@ -275,6 +281,7 @@ class DynaMight(HeteroModel):
             for key in ("data", "kl", "geometric"):
                 logs[f"train/{key}_half{h + 1}"] = out[key].detach()
         total.backward()
+        E.accumulate_pose_gradients(self)
         E.step_groups(self, opt, phase, counts)
         loss = total.detach() / counts.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(prep))
