@@ -27,7 +27,7 @@ from tests.helpers import compose_train
 
 AUC_MARGIN = 0.008
 #: Per-pixel MSE of normalised images (noise variance ~0.5 at this SNR).
-VAL_MSE_MARGIN = 0.001
+VAL_MSE_MARGIN = 0.002
 BASE = [
     "model=dynamight_cpu",
     "data.particles.kind=continuous",
@@ -122,8 +122,9 @@ def test_dynamight_recovers_the_hinge(tmp_path):
 
 
 def test_deformations_explain_held_out_images_better_than_the_consensus(tmp_path):
-    """CI variant: a short run; each half set's encoder and decoder must explain its held-out
-    (validation) images better with their deformation than with the undeformed consensus."""
+    """CI variant (~90 s on 2 loaded cores): a short run; each half set's encoder and decoder must
+    explain its held-out (validation) images better with their deformations than with the
+    undeformed consensus (measured 2026-12-01: MSE 0.5579 vs 0.5640 and 0.5537 vs 0.5607)."""
     res = _train(tmp_path, ["data.particles.n_particles=800", "trainer.max_epochs=12"])
     print(res)
     for h in (1, 2):
