@@ -45,6 +45,7 @@ from hetero.data.dataset import ParticleDataset, collate_particles, estimate_nor
 from hetero.data.io.errors import InputError
 from hetero.data.io.readers import read_particles, validate_pixels
 from hetero.data.particles import ParticleTable
+from hetero.data.resample import resample_plan
 from hetero.data.samplers import (
     HealpixBatchSampler,
     RandomBatchSampler,
@@ -72,6 +73,11 @@ class ParticleDataModule(L.LightningDataModule):
     :param poses: cryoDRGN pose pickle (for stack inputs without metadata).
     :param ctf: cryoDRGN CTF pickle (for stack inputs without metadata).
     :param pixel_size_angstrom: pixel size (Å) for stack inputs whose header lacks it.
+    :param voltage_kv: acceleration voltage (kV) for a star file without rlnVoltage.
+    :param spherical_aberration_mm: Cs (mm) for a star file without rlnSphericalAberration.
+    :param amplitude_contrast: for a star file without rlnAmplitudeContrast (RELION 3.0).
+    :param pose_shift_units: ``fraction`` (of the box) or ``pixels``: the translations of a
+        cryoDRGN pose pickle (``data.poses``).
     :param box_size: training box in pixels (Fourier crop on the fly); ``None`` = original.
     :param invert_contrast: flip the sign of black-density inputs.
     :param normalize: scale images to unit standard deviation (estimated on a sample).
@@ -99,6 +105,10 @@ class ParticleDataModule(L.LightningDataModule):
         poses: str | None = None,
         ctf: str | None = None,
         pixel_size_angstrom: float | None = None,
+        voltage_kv: float | None = None,
+        spherical_aberration_mm: float | None = None,
+        amplitude_contrast: float | None = None,
+        pose_shift_units: str = "fraction",
         box_size: int | None = None,
         invert_contrast: bool = False,
         normalize: bool = True,
@@ -119,16 +129,22 @@ class ParticleDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
-            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise InputError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise InputError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if int(batch_size) < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
         self.particles = particles
         self.datadir = datadir
         self.poses = poses
         self.ctf = ctf
         self.pixel_size_angstrom = pixel_size_angstrom
+        self.acquisition = {
+            "voltage_kv": voltage_kv,
+            "spherical_aberration_mm": spherical_aberration_mm,
+            "amplitude_contrast": amplitude_contrast,
+        }
+        self.pose_shift_units = str(pose_shift_units)
         self.box_size = None if box_size is None else int(box_size)
         self.invert_contrast = bool(invert_contrast)
         self.normalize = bool(normalize)
@@ -175,7 +191,8 @@ class ParticleDataModule(L.LightningDataModule):
         path = self._resolve_particles()
         table = read_particles(
             path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
-            pixel_size_angstrom=self.pixel_size_angstrom,
+            pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
+            **self.acquisition,
         )
         n = len(table)
         if n == 0:
@@ -193,11 +210,13 @@ class ParticleDataModule(L.LightningDataModule):
                 f"data.box_size={box} is larger than the images ({table.box_size} px): images are "
                 "zero-padded in Fourier space (no information gained)"
             )
-        apix_values = np.unique(table.pixel_size_angstrom)
-        if len(apix_values) > 1:
-            log.warning(
-                f"{path}: {len(apix_values)} different pixel sizes {apix_values.tolist()}; batches "
-                "carry per-particle apix, info() reports the most common one"
+        plan = resample_plan(table.pixel_size_angstrom, table.box_size, box)
+        if plan.needed:
+            log.info(
+                f"{path}: optics groups have pixel sizes "
+                f"{sorted(set(np.round(table.pixel_size_angstrom, 4).tolist()))[:6]} Å; every "
+                f"image is Fourier-resampled to {plan.apix_train:.4g} Å/px at box {box} (scale "
+                f"error at the box edge {plan.edge_error_px:.3f} px)"
             )
         check = getattr(self.particles, "check", None)
         if callable(check):
