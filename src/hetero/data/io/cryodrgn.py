@@ -196,8 +196,8 @@ def read_cryodrgn_poses(
         other = "pixels" if shift_units == "fraction" else "fraction"
         raise InputError(
             f"{path}: translation of row {i} (0-based) is {trans[i].tolist()}, read as "
-            f"{shift_units} ({'fraction of the box, cryoDRGN' if shift_units == 'fraction' else 'pixels'}"
-            f"'s convention): an origin of {np.round(origins[i], 2).tolist()} px puts the particle "
+            f"{'a fraction of the box (cryoDRGN' + chr(39) + 's convention)' if shift_units == 'fraction' else 'pixels'}"
+            f": an origin of {np.round(origins[i], 2).tolist()} px puts the particle "
             f"centre outside the {box_size}-px image. If the pickle stores {other} (older "
             f"cryoDRGN pose pickles stored pixels), pass data.pose_shift_units={other}"
         )
