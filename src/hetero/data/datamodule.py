@@ -254,7 +254,7 @@ class ParticleDataModule(L.LightningDataModule):
         """Plain geometry/count values models are built from (valid after ``setup``).
 
         Keys: ``n_particles, n_train, n_val, original_box, original_apix, box_size, apix,
-        has_poses, has_ctf``; ``apix = original_apix * original_box / box_size`` (Å/px; the most
+        has_poses, has_ctf, particles_file``; ``apix = original_apix * original_box / box_size`` (Å/px; the most
         common pixel size when optics groups differ).
         """
         if self.table is None:
@@ -272,6 +272,7 @@ class ParticleDataModule(L.LightningDataModule):
             "apix": apix0 * original_box / box,
             "has_poses": self.table.rotations is not None,
             "has_ctf": self.table.ctf is not None,
+            "particles_file": str(self.particles_path or self.table.source),
         }
 
     # -- loaders ------------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""Issue #11 item 4: every model that renders at the consensus poses refuses data without them,
+naming the file, whatever the sampler (the HEALPix sampler's own check is not the only one)."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+
+from hetero.data.io.errors import InputError
+from tests.helpers import compose_train
+from tests.test_configs import INFO, options
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_models_refuse_data_without_poses(tmp_path, option):
+    cfg = compose_train(tmp_path, [f"model={option}", "data/sampler=random"])
+    info = {**INFO, "has_poses": False, "particles_file": "/data/no_angles.star"}
+    with pytest.raises(InputError, match=r"/data/no_angles\.star: no poses .*data\.poses=<cryoDRGN pose pickle>"):
+        hydra.utils.instantiate(cfg.model, **info)
+    model = hydra.utils.instantiate(cfg.model, **{**info, "has_poses": True})
+    assert model.requires_poses
