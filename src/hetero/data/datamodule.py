@@ -79,7 +79,10 @@ class ParticleDataModule(L.LightningDataModule):
     :param pose_shift_units: ``fraction`` (of the box) or ``pixels``: the translations of a
         cryoDRGN pose pickle (``data.poses``).
     :param box_size: training box in pixels (Fourier crop on the fly); ``None`` = original.
-    :param invert_contrast: flip the sign of black-density inputs.
+    :param invert_contrast: ``True`` flips the sign of black-density inputs, ``False`` keeps it,
+        ``"auto"`` measures it on a few hundred particles against their own half-map
+        reconstruction (:mod:`hetero.data.contrast`), logs the result, and refuses when it is
+        ambiguous; the decision is saved in the split file and the checkpoint.
     :param normalize: scale images to unit standard deviation (estimated on a sample).
     :param norm_sample_size: number of training images the standard deviation is taken on.
     :param val_fraction: fraction of particles held out for validation (seeded).
@@ -110,7 +113,7 @@ class ParticleDataModule(L.LightningDataModule):
         amplitude_contrast: float | None = None,
         pose_shift_units: str = "fraction",
         box_size: int | None = None,
-        invert_contrast: bool = False,
+        invert_contrast: bool | str = False,
         normalize: bool = True,
         norm_sample_size: int = 1000,
         val_fraction: float = 0.05,
@@ -146,7 +149,9 @@ class ParticleDataModule(L.LightningDataModule):
         }
         self.pose_shift_units = str(pose_shift_units)
         self.box_size = None if box_size is None else int(box_size)
-        self.invert_contrast = bool(invert_contrast)
+        self.invert_contrast = _contrast_option(invert_contrast)
+        #: the :class:`~hetero.data.contrast.ContrastCheck` of ``invert_contrast="auto"``
+        self.contrast_check = None
         self.normalize = bool(normalize)
         self.norm_sample_size = int(norm_sample_size)
         self.val_fraction = float(val_fraction)
@@ -243,6 +248,9 @@ class ParticleDataModule(L.LightningDataModule):
         if norm is None:
             norm = self._estimate_norm()
         self.norm_mean, self.norm_scale = float(norm[0]), float(norm[1])
+        if self.invert_contrast == "auto":
+            decided = saved.get("invert_contrast") if saved is not None else None
+            self.invert_contrast = decided if decided is not None else self._check_contrast(path)
         self._build_datasets()
         self._save_split_file()
         log.info(
@@ -364,6 +372,7 @@ class ParticleDataModule(L.LightningDataModule):
             "norm_mean": self.norm_mean,
             "norm_scale": self.norm_scale,
             "box_size": int(self.box_size or self.table.box_size),
+            "invert_contrast": self.invert_contrast,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -395,6 +404,8 @@ class ParticleDataModule(L.LightningDataModule):
         self.half_sets_source = str(state.get("half_sets_source", self.half_sets_source))
         self.norm_mean = float(state["norm_mean"])
         self.norm_scale = float(state["norm_scale"])
+        if isinstance(state.get("invert_contrast"), bool):
+            self.invert_contrast = state["invert_contrast"]
 
     # -- internals ----------------------------------------------------------------------------
     def _resolve_particles(self) -> str:
@@ -440,6 +451,32 @@ class ParticleDataModule(L.LightningDataModule):
         halves = np.zeros(n, dtype=np.int8)
         halves[perm[n // 2 :]] = 1
         return halves, "random"
+
+    def _check_contrast(self, path: str) -> bool:
+        """``invert_contrast="auto"``: measure the contrast sign (module :mod:`hetero.data.contrast`)."""
+        from hetero.data.contrast import measure_contrast
+
+        if self.table.rotations is None:
+            log.warning(
+                f"{path}: data.invert_contrast=auto needs poses to check the contrast; keeping "
+                "the stored contrast (pass data.invert_contrast=true|false to state it)"
+            )
+            return False
+        probe = ParticleDataset(
+            self.table, box_size=self.box_size, indices=self.train_indices, scale=self.norm_scale
+        )
+        check = measure_contrast(probe, seed=self.split_seed)
+        self.contrast_check = check
+        log.info(f"{path}: {check.describe()}")
+        if check.invert is None:
+            raise InputError(
+                f"{path}: data.invert_contrast=auto could not tell whether the protein is white "
+                f"or black ({check.describe()}); pass data.invert_contrast=false (white density, "
+                "RELION's convention) or data.invert_contrast=true (black density)"
+            )
+        if check.invert:
+            log.warning(f"{path}: the particles have black density; inverting them (white density)")
+        return bool(check.invert)
 
     def _estimate_norm(self) -> tuple[float, float]:
         if not self.normalize:
@@ -494,7 +531,9 @@ class ParticleDataModule(L.LightningDataModule):
         ):
             norm = (float(data["norm_mean"]), float(data["norm_scale"]))
         log.info(f"Reusing the train/val split and half sets of {self.split_file}")
+        invert = bool(data["invert_contrast"]) if "invert_contrast" in data else None
         return {
+            "invert_contrast": invert,
             "train": train,
             "val": val,
             "halves": data["half_sets"].astype(np.int8),
@@ -521,12 +560,24 @@ class ParticleDataModule(L.LightningDataModule):
             "norm_box_size": np.int64(self.box_size or self.table.box_size),
             "source": np.str_(self.particles_path or ""),
         }
+        if isinstance(self.invert_contrast, bool):
+            arrays["invert_contrast"] = np.bool_(self.invert_contrast)
 
         def write(p: Path) -> None:
             with open(p, "wb") as fh:
                 np.savez(fh, **arrays)
 
         atomic_write(self.split_file, write)
+
+
+def _contrast_option(value: Any) -> bool | str:
+    """``data.invert_contrast``: ``True``/``False``/``"auto"`` (YAML or command-line spellings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise InputError(f"data.invert_contrast={value!r}; expected true, false or auto")
 
 
 def _fingerprint(table: ParticleTable) -> int:
