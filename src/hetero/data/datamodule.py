@@ -319,7 +319,7 @@ class ParticleDataModule(L.LightningDataModule):
         if world > 1 and getattr(
             getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False
         ):
-            raise ValueError(
+            raise InputError(
                 "ParticleDataModule shards batches itself: build the Trainer with "
                 "use_distributed_sampler=False"
             )

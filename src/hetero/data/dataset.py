@@ -126,7 +126,7 @@ class ParticleDataset(Dataset):
         self.original_box = int(table.box_size)
         self.box_size = self.original_box if box_size is None else int(box_size)
         if self.box_size < 2:
-            raise ValueError(f"box_size must be >= 2 pixels, got {self.box_size}")
+            raise InputError(f"data.box_size must be >= 2 pixels, got {self.box_size}")
         self.invert_contrast = bool(invert_contrast)
         self.scale = float(scale)
         self.mean = float(mean)

@@ -137,11 +137,14 @@ class ParticleTable:
         return list(seen)
 
     def check_files_exist(self) -> None:
-        """Raise ``FileNotFoundError`` naming the first missing stack and how many rows use it."""
+        """Raise :class:`MissingFileError` (a ``FileNotFoundError``) naming the first missing
+        stack and how many rows use it."""
+        from hetero.data.io.errors import MissingFileError  # the io package imports this module
+
         for p in self.stacks:
             if not Path(p).exists():
                 count = int(np.sum(self.image_paths == p))
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{self.source}: image stack {p} (referenced by {count} particles) does not "
                     "exist; pass data.datadir=<folder holding the stacks> if they were moved"
                 )
