@@ -75,7 +75,8 @@ def test_reconstruction_keeps_the_density_of_an_off_centre_particle(pad_factor):
     slices lost ~40 % of it). The particle's total density (within 4 sigma, 99.9 % of its
     mass) is within 1.5 % and the background stays below 1.5e-3 of the peak. What is left is a
     faint negative background (a low-frequency error of the interpolated fractional
-    frequencies): the whole box sums to 0.87 of the mass at pad 2 and 0.70 at pad 3 here.
+    frequencies): the whole box sums to 0.87 of the mass at pad 2 and 0.70 at pad 3 here
+    (hetero's earlier padded-image backprojection: 1.05 and 1.03).
     RELION 3.1.3's own ``relion_reconstruct`` of the same images gives 0.958 within 4 sigma and
     a background 5x deeper (mean -4.6e-3 of the peak beyond radius 11)."""
     size, sigma, r0 = 24, 1.5, (7.0, 0.0, 0.0)
@@ -106,7 +107,7 @@ def test_high_defocus_reconstruction_keeps_high_resolution():
     8,000-25,000 Å defocus in a 64 Å box the CTF oscillates about once per Fourier pixel near
     Nyquist; a reconstructor that evaluates it on a padded grid (hetero before: FSC 0.87 /
     0.70 / 0.33 at shells 12 / 14 / 16 here) no longer matches the data there. With the CTF
-    on the image grid: 0.998 / 0.993 / 0.91."""
+    on the image grid: 1.000 / 0.997 / 0.94."""
     size, apix, n = 32, 2.0, 1000
     vol = _gaussian_volume(size)
     g = torch.Generator().manual_seed(0)
@@ -124,9 +125,9 @@ def test_high_defocus_reconstruction_keeps_high_resolution():
     acc = BackprojectionAccumulator(size)
     acc.add(images, a, shifts_px=shifts, ctf=ctf_table_compute(params, acc.ctf_size, apixes))
     curve = fsc(acc.reconstruct(), vol)
-    assert curve[1:13].min() > 0.99
-    assert curve[13:16].min() > 0.95
-    assert curve[16] > 0.8
+    assert curve[1:14].min() > 0.99
+    assert curve[14:16].min() > 0.98
+    assert curve[16] > 0.9
 
 
 def test_ctf_weighted_wiener_reconstruction(blob_volume):
@@ -146,10 +147,8 @@ def test_ctf_weighted_wiener_reconstruction(blob_volume):
 
     rec = backproject(images, a, shifts_px=shifts, ctf=ctf, wiener_snr=100.0)
     curve = fsc(rec, vol)
-    # Shells 1-9 of 12 (measured >= 0.96; shell 10 0.88: trilinear splatting of D-grid slices,
-    # 0.90 without CTF too, as in RELION).
-    assert curve[1:10].min() > 0.95
-    assert curve[1:9].min() > 0.98
+    assert curve[1:11].min() > 0.95  # 10 of the 12 shells (measured >= 0.963; 11: 0.84)
+    assert curve[1:10].min() > 0.98
     assert (rec * vol).sum() / (vol * vol).sum() == pytest.approx(1.0, abs=0.1)
 
     # Each ingredient matters: ignoring the CTF or the shifts ruins the map.

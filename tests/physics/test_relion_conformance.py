@@ -118,10 +118,12 @@ def _reconstruct(b: dict, use_ctf: bool, shift_sign: float = -1.0, pad: int = 2)
 
 
 def test_reconstruction_matches_relion_reconstruct(relion):
-    """README item 5: FSC against ``recon_ctf.mrc`` >= 0.9 at shells 1-7 (measured >= 0.976; 40
-    views undersample higher shells); the same without CTF correction against
-    ``recon_noctf.mrc``. A flipped shift sign fails at shell 3 (README: 0.81)."""
+    """README item 5 asks for FSC >= 0.9 against ``recon_ctf.mrc`` at shells 1-7. hetero's
+    reconstructor is RELION's algorithm (D x D slices, gridding density compensation, outside
+    mask), so it matches at every shell to Nyquist although 40 views undersample the spectrum:
+    measured >= 0.998 with CTF correction and >= 0.999 without (``recon_noctf.mrc``). A flipped
+    shift sign fails at shell 3 (README: 0.81)."""
     _, b = relion["ctf"]
-    assert fsc(_reconstruct(b, True), relion["recon_ctf"])[1:8].min() >= 0.9
-    assert fsc(_reconstruct(b, False), relion["recon_noctf"])[1:8].min() >= 0.9
+    assert fsc(_reconstruct(b, True), relion["recon_ctf"])[1:33].min() >= 0.995
+    assert fsc(_reconstruct(b, False), relion["recon_noctf"])[1:33].min() >= 0.995
     assert fsc(_reconstruct(b, True, shift_sign=1.0), relion["recon_ctf"])[1:4].min() < 0.9

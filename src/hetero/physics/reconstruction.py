@@ -16,14 +16,20 @@ reconstructor follows RELION 3.1's ``BackProjector`` (``backproject2Dto3D`` + ``
    ``W <- W / max(1e-6, |(W * weight) (*) blob|)``, where ``(*)`` is a convolution with a
    Kaiser-Bessel blob (order 0, radius 1.9 * 2 grid units, alpha 15, normalised to unit sum;
    RELION's defaults) done by FFT. The spectrum is ``data * W``; an inverse FFT, cropping to
-   ``D^3`` and division by the trilinear kernel's transform (``sinc^2`` per axis, the gridding
-   correction) give the map. A constant Wiener term ``1 / snr`` (optional) is added to the
-   weights inside the sphere before the iterations, as RELION adds ``1 / tau^2``.
+   ``D^3``, RELION's ``softMaskOutsideMap`` (beyond radius ``D / 2`` the map is replaced by
+   its background average over a 3-voxel raised cosine:
+   :func:`~hetero.physics.masks.soft_mask_outside_map`) and division by the trilinear kernel's
+   transform (``sinc^2`` per axis, the gridding correction) give the map. A constant Wiener
+   term ``1 / snr`` (optional) is added to the weights inside the sphere before the
+   iterations, as RELION adds ``1 / tau^2``.
 
-Compared with dividing the gridded data by the gridded weights voxel by voxel, the density
-compensation keeps the total density of off-centre maps right although the ``D``-grid slices
-sample the padded grid only every ``pad_factor`` voxels. RELION also soft-masks the map
-outside radius ``D / 2``; hetero leaves that to the caller.
+The density compensation keeps the particle's density right although the ``D``-grid slices
+sample the padded grid only every ``pad_factor`` voxels (voxel-wise division of the gridded
+sums lost ~40 % of an off-centre particle's density). It leaves gridding ghosts in the corners
+of the box, which the outside mask removes: without it the FSC against the truth of RELION's
+2,000-particle high-defocus set falls from 0.999 / 0.995 / 0.95 to 0.84 / 0.62 / 0.38 at
+shells 28 / 30 / 32 of 32 (with it, hetero equals ``relion_reconstruct`` there: FSC >= 0.997
+at every shell).
 
 The CTF must be given on the grid :attr:`BackprojectionAccumulator.ctf_size` (``D``, the image
 grid, same pixel size): ``compute_ctf(acc.ctf_size, apix, ...)``.
@@ -45,6 +51,7 @@ import torch
 from torch import Tensor
 
 from hetero.physics.fourier import fft2_centered, ifft3_centered, phase_ramp_2d, radius_grid
+from hetero.physics.masks import soft_mask_outside_map
 from hetero.physics.projection import _trilinear_corners, centered_grid_2d, gridding_correction
 
 #: RELION's blob for the density compensation: order 0, radius 1.9 * 2 grid units, alpha 15.
@@ -219,11 +226,13 @@ class BackprojectionAccumulator:
             new = torch.where(inside, new / conv.abs().clamp(min=PREWEIGHT_FLOOR), 0.0)
         return new
 
-    def reconstruct(self, wiener_snr: float = float("inf")) -> Tensor:
-        """The real-space ``(D, D, D)`` estimate (RELION's ``reconstruct`` without the mask).
+    def reconstruct(self, wiener_snr: float = float("inf"), mask_outside: bool = True) -> Tensor:
+        """The real-space ``(D, D, D)`` estimate (RELION's ``reconstruct``).
 
         :param wiener_snr: constant Wiener regulariser: ``1/snr`` is added to the weights inside
             the sphere before the density compensation (``inf``: none, as ``relion_reconstruct``).
+        :param mask_outside: apply RELION's ``softMaskOutsideMap`` beyond radius ``D / 2``
+            (default, as RELION; ``False`` keeps the gridding ghosts in the corners).
         """
         spec = (self.numerator + _mirror(self.numerator).conj()) * self.density_compensation(
             wiener_snr
@@ -231,6 +240,8 @@ class BackprojectionAccumulator:
         big = ifft3_centered(spec).real
         d, o = self.box_size, self.padded_size // 2 - self.box_size // 2
         vol = big[o : o + d, o : o + d, o : o + d]
+        if mask_outside:
+            vol = soft_mask_outside_map(vol)
         # The splatted grid is the spectrum convolved with the trilinear kernel, i.e. the map
         # multiplied by sinc^2(x / P) per axis: undo it (RELION's griddingCorrect).
         return vol / gridding_correction(d, self.padded_size, device=vol.device, dtype=vol.dtype)
