@@ -526,8 +526,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     assert not sentinel.exists()
     classic = tmp_path / "classic.pkl"
     classic.write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")
-    with pytest.raises(pickle.UnpicklingError, match=r"classic\.pkl.*builtins\.eval"):
+    with pytest.raises(pickle.UnpicklingError, match=r"classic\.pkl.*builtins\.eval") as err:
         safe_load_pickle(classic)
+    assert isinstance(err.value, InputError)  # printed as a message by train.py, no traceback
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         ok = tmp_path / f"ok{protocol}.pkl"
         ok.write_bytes(pickle.dumps((np.eye(3)[None], {"a": [np.float32(2)]}), protocol=protocol))

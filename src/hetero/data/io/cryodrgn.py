@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.data.io.errors import InputError, MissingFileError
+from hetero.data.io.errors import InputError, MissingFileError, UnsafePickleError
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -69,7 +69,7 @@ def _numpy_global(module: str, name: str):
             return getattr(importlib.import_module(f"{core}.{submodule}"), name)
         except (ImportError, AttributeError):
             continue
-    raise pickle.UnpicklingError(f"cannot resolve {module}.{name} in this numpy version")
+    raise UnsafePickleError(f"cannot resolve {module}.{name} in this numpy version")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -85,7 +85,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise UnsafePickleError(
                 f"{self.source}: refusing to load global '{module}.{name}' from a pickle; only "
                 "numpy arrays, tuples, lists and dicts are allowed (the file may be malicious or "
                 "not a cryoDRGN pickle)"
@@ -101,8 +101,9 @@ def safe_load_pickle(path: str | Path):
     """Load a pickle holding only numpy arrays/scalars, tuples, lists and dicts.
 
     :raises MissingFileError: the file does not exist.
-    :raises pickle.UnpicklingError: the pickle references any other global (named in the
-        message, with the file); nothing from it has been executed.
+    :raises UnsafePickleError: (an :class:`InputError` and a ``pickle.UnpicklingError``) the
+        pickle references any other global (named in the message, with the file); nothing
+        from it has been executed.
     :raises InputError: the file is not a readable pickle.
     """
     path = Path(path)
