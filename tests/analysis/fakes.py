@@ -93,7 +93,7 @@ def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0) -> tuple[Path
 def write_particles(folder: Path, n: int, seed: int = 0) -> Path:
     """A real RELION 3.1 star + stack of ``n`` small noise images with poses and CTF, so the
     analysis writes (and the tests reopen) real particle subsets."""
-    from hetero.data.io import write_star, write_stack
+    from hetero.data.io import write_stack, write_star
     from hetero.data.particles import ParticleTable
     from hetero.physics.rotations import random_rotations
 

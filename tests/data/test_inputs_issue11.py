@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from hetero.data.dataset import ParticleDataset
-from hetero.data.io import InputError, MissingFileError, read_cs, read_particles, read_star, write_star
+from hetero.data.io import (
+    InputError,
+    MissingFileError,
+    read_cs,
+    read_particles,
+    read_star,
+    write_star,
+)
 from hetero.data.particles import ParticleTable
 from hetero.data.resample import resample_plan
 from hetero.physics.projection import project_real

@@ -21,8 +21,6 @@ Example usage::
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
