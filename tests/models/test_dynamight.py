@@ -249,3 +249,25 @@ def test_consensus_from_a_user_map_at_another_box(tmp_path):
     m = small_model(consensus_map=str(tmp_path / "small.mrc"))
     with pytest.raises(InputError, match="small.mrc"):
         initialize_consensus(m)
+
+
+def test_update_rates_decay_freeze_and_set_the_stop_epoch():
+    """check_update_rates over epochs: failing checks decay a half's rate, a rate below the floor
+    freezes it, epoch n_epochs freezes both, and the frozen epoch sets when training stops."""
+    sched = DynaMightSchedule(n_warmup_epochs=0, n_epochs=50, check_particles=1)
+    m = SimpleNamespace(
+        schedule=sched, n_particles=10, update_rate=torch.ones(2), epoch_loss=torch.zeros(2, 2),
+        loss_history=torch.full((2, 2), float("nan")), check_failures=torch.zeros(2, dtype=torch.long),
+        frozen_epoch=torch.tensor(-1), cfg={"update_decay": 0.5, "update_floor": 0.3},
+    )
+    losses = {0: [5, 4, 3, 3.5, 3.6, 3.7, 3.8], 1: [5, 4, 3, 2, 1, 0.5, 0.4]}
+    for p in range(7):
+        for h in (0, 1):
+            m.epoch_loss[h] = torch.tensor([losses[h][p] * 10.0, 10.0])
+        E.check_update_rates(m, p)
+    # Half set 1 fails at epochs 4, 5, 6: x0.5 from the 2nd failure on, 0.25 < floor -> 0.
+    assert float(m.update_rate[0]) == 0.0 and float(m.update_rate[1]) == 1.0
+    assert int(m.frozen_epoch) == -1
+    E.check_update_rates(m, 50)  # after n_epochs: both frozen
+    assert float(m.update_rate.max()) == 0.0 and int(m.frozen_epoch) == 51
+    assert sched.stop_epoch(51) == 68

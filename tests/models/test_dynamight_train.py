@@ -15,6 +15,17 @@ from hetero.models.dynamight.half import HalfSetVAE
 from hetero.tasks.train import train
 from tests.helpers import compose_train
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these runs are many small matrix products, and on a loaded 2-core
+    machine two threads spin-wait on each other (CI recovery variant at load ~10: 762 s with
+    two threads, 86 s with one); an idle machine loses at most a factor 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY_DYNAMIGHT = [
     "model=dynamight",
     "model.n_gaussians=48",
@@ -182,3 +193,14 @@ def test_killed_run_resumes_at_the_same_step_with_its_state(tmp_path):
     # lambda and whitening depend on sampled z, so compare what is deterministic given the
     # checkpoint: the epoch counter and the frozen schedule state.
     assert float(resumed["model"].update_rate.sum()) == float(ref["model"].update_rate.sum())
+
+
+def test_frozen_update_rates_end_training(tmp_path):
+    """schedule.n_epochs=0: the update rates are forced to 0 before epoch 1, so training stops
+    after epoch 1 + 1 // 3 = epoch 1, well before trainer.max_epochs."""
+    cfg = compose_train(tmp_path, [*TINY_DYNAMIGHT, "trainer.max_epochs=6", "schedule.n_epochs=0"])
+    _, objects = train(cfg)
+    model, trainer = objects["model"], objects["trainer"]
+    assert int(model.frozen_epoch) == 1
+    assert trainer.current_epoch == 2  # epochs 0 and 1 ran
+    assert float(model.update_rate.max()) == 0.0
