@@ -271,3 +271,10 @@ def test_update_rates_decay_freeze_and_set_the_stop_epoch():
     E.check_update_rates(m, 50)  # after n_epochs: both frozen
     assert float(m.update_rate.max()) == 0.0 and int(m.frozen_epoch) == 51
     assert sched.stop_epoch(51) == 68
+
+
+def test_shared_width_option():
+    c = GaussianConsensus(10, 16, 4.0, initial_width_px=1.5, shared_width=True)
+    assert c.log_sigma.shape == (1,) and c.sigma_px().shape == (10,)
+    assert torch.allclose(c.sigma_px(), torch.full((10,), 1.5))
+    assert GaussianConsensus(10, 16, 4.0).log_sigma.shape == (10,)

@@ -6,7 +6,7 @@ Parameters (all optimised; unlike the reference, whose amplitudes sit in no opti
   (``[-0.5, 0.5)``, origin at the box centre), the reference's unit, so its learning rates carry
   over; :meth:`GaussianConsensus.positions_angstrom` gives Å.
 - ``log_sigma``: ``(N,)`` log standard deviations in training-box pixels (the paper's ``s_j``
-  per Gaussian), clamped to ``[min_width_px, max_width_px]`` when used, which also bounds the
+  per Gaussian; ``(1,)`` with ``shared_width``, the reference's single width class), clamped to ``[min_width_px, max_width_px]`` when used, which also bounds the
   renderer's stencil.
 - ``log_amplitude``: ``(N,)`` log peak heights (voxel-value units of the training-box maps).
 
@@ -35,6 +35,8 @@ class GaussianConsensus(nn.Module):
     :param initial_width_px: starting ``sigma`` (pixels); ``None``: the reference's ``D / 40``
         kernel parameter, ``sigma = D / (40 * 2 sqrt 2)``, but at least ``min_width_px``.
     :param min_width_px, max_width_px: clamp of ``sigma`` (pixels).
+    :param shared_width: one width for all Gaussians (the reference's default of one width
+        class) instead of one per Gaussian (the paper's ``s_j``).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class GaussianConsensus(nn.Module):
         initial_width_px: float | None = None,
         min_width_px: float = 0.75,
         max_width_px: float = 4.0,
+        shared_width: bool = False,
     ) -> None:
         super().__init__()
         self.n_gaussians = int(n_gaussians)
@@ -58,7 +61,8 @@ class GaussianConsensus(nn.Module):
         width = min(max(float(width), self.min_width_px), self.max_width_px)
         n = self.n_gaussians
         self.positions = nn.Parameter(torch.zeros(n, 3))
-        self.log_sigma = nn.Parameter(torch.full((n,), math.log(width)))
+        self.shared_width = bool(shared_width)
+        self.log_sigma = nn.Parameter(torch.full((1 if self.shared_width else n,), math.log(width)))
         self.log_amplitude = nn.Parameter(torch.zeros(n))
 
     @property
@@ -73,7 +77,8 @@ class GaussianConsensus(nn.Module):
 
     def sigma_px(self) -> Tensor:
         """``(N,)`` widths in training-box pixels (clamped)."""
-        return self.log_sigma.float().exp().clamp(self.min_width_px, self.max_width_px)
+        sigma = self.log_sigma.float().exp().clamp(self.min_width_px, self.max_width_px)
+        return sigma.expand(self.n_gaussians)
 
     def sigma_angstrom(self) -> Tensor:
         return self.sigma_px() * self.apix

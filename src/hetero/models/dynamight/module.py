@@ -74,6 +74,7 @@ class DynaMight(HeteroModel):
         decoder_layers: int = 8, decoder_width: int = 32,
         initial_threshold: float | None = None, initial_quantile: float = 0.99,
         initial_width_px: float | None = None, min_width_px: float = 0.75, max_width_px: float = 4.0,
+        shared_width: bool = False,
         fit_steps: int = 50, fit_lr: float = 1e-4, init_max_particles: int = 20000,
         init_wiener_snr: float = 1.0, init_seed: int = 0,
         encoder_lr: float | None = None, decoder_lr: float | None = None,
@@ -105,7 +106,7 @@ class DynaMight(HeteroModel):
                          final_activation=encoder_final_activation),
             decoder=dict(n_frequencies=n_frequencies, n_layers=decoder_layers, width=decoder_width),
             consensus=dict(initial_width_px=initial_width_px, min_width_px=min_width_px,
-                           max_width_px=max_width_px),
+                           max_width_px=max_width_px, shared_width=shared_width),
             splat_sigma_px=splat_sigma_px,
         )
         self.halves = torch.nn.ModuleList([HalfSetVAE(d, self.apix, zdim, n_gaussians, **vae) for _ in range(2)])
