@@ -95,3 +95,16 @@ def test_analyze_homogeneous_run(tmp_path):
     assert per_state[1]["auc"] > per_state[0]["auc"]  # the consensus blob sits at state 1
     assert "ari" not in metrics["ground_truth"] and "clusters" not in metrics
     assert "<h2>Ground truth</h2>" in (run / "analysis" / "report.html").read_text()
+
+
+def test_missing_stack_stops_the_analysis_naming_it(tmp_path):
+    """A moved stack is an error naming the stack and what to pass, never a skipped step."""
+    from hetero.analysis.rundir import DataUnavailableError
+
+    run, _ = make_run_dir(tmp_path, n_per_state=4)
+    stack = tmp_path / "data" / "particles.mrcs"
+    stack.unlink()
+    with pytest.raises(DataUnavailableError) as err:
+        analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false"]))
+    assert str(stack) in str(err.value) and "data.datadir=" in str(err.value)
+    assert not (run / "analysis" / "report.html").exists()

@@ -99,8 +99,8 @@ def write_latents(
 ) -> Path:
     """Write ``arrays`` into ``<root>/<checkpoint.key>/`` in one atomic rename.
 
-    An existing folder for the same checkpoint is replaced (its arrays came from the same
-    weights; the replacement is renamed over it, never edited in place).
+    An existing folder for the same checkpoint is replaced (moved aside, then the new one renamed
+    into place; never edited in place), also when another process writes it at the same time.
 
     :return: the folder.
     """
@@ -120,20 +120,31 @@ def write_latents(
             "written_by": written_by,
         })
         os.chmod(tmp, 0o777 & ~_umask())
-        if target.exists():  # same checkpoint: swap the old folder out, the new one in
-            old = Path(tempfile.mkdtemp(prefix=f".{checkpoint.key}.old.", dir=root))
-            os.replace(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another writer renamed the same checkpoint's folder in meanwhile
-            if not (target / SOURCE_NAME).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        _rename_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _rename_into_place(tmp: Path, target: Path, attempts: int = 10) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, moving an existing ``target`` (made for
+    the same checkpoint, maybe by a concurrent writer) aside first; the folder at ``target`` is
+    always one writer's complete folder."""
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError:
+            if not target.exists():
+                raise
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        try:
+            os.rename(target, trash / "x")
+        except FileNotFoundError:  # another writer moved it first
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    raise OSError(f"could not rename {tmp} to {target}: other processes keep writing it")
 
 
 def _umask() -> int:
