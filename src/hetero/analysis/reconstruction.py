@@ -5,10 +5,11 @@ images of the group's particles are backprojected with their consensus poses, sh
 (:class:`hetero.physics.reconstruction.BackprojectionAccumulator`, CTF evaluated on
 ``acc.ctf_size``), one accumulator per half set, at the images' own (original) box and pixel
 size. All groups of all labelings are accumulated in ONE pass over the data: batches are
-planned so that every particle of a batch shares its group in every labeling and its half set,
-so each batch goes into one accumulator per labeling as a whole. Memory is
-``2 x groups x accumulator`` whatever the particle count; when that exceeds
-``max_memory_bytes`` the groups are split over several passes (logged).
+planned so that every particle of a batch shares its group in every labeling and its half set
+(its *key*), and consecutive batches of one key are inserted into a scratch accumulator that
+is then added to the key's group accumulators, so each image is backprojected once however
+many labelings there are. Memory is ``(2 x groups + 1) x accumulator`` whatever the particle
+count; when that exceeds ``max_memory_bytes`` the groups are split over several passes (logged).
 
 Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank
 accumulates every ``world_size``-th batch and the sums are all-reduced before the maps are
@@ -180,27 +181,38 @@ def reconstruct_groups(
 
 
 def _accumulate(loader, accs, wanted, half_sets, device, progress, total) -> None:
+    """Insert each run of batches sharing one key (group in every labeling, half set) into one
+    scratch accumulator, then add it to that key's group accumulators: every image is inserted
+    once, whatever the number of labelings."""
     task = progress.add_task("Reconstructing maps from particles", total=total) if progress else None
-    ctf_size = next(iter(accs.values())).ctf_size
+    first = next(iter(accs.values()))
+    scratch = BackprojectionAccumulator(first.box_size, first.pad_factor, device=device, dtype=first.weight.dtype)
+    key = None
+
+    def flush():
+        for name, g in zip(wanted, key[:-1]):
+            if g >= 0:
+                accs[(name, g, key[-1])].merge(scratch)
+        scratch.numerator.zero_()
+        scratch.weight.zero_()
+        scratch.count = 0
+
     for batch in loader:
-        index = batch["index"].numpy() if batch["index"].device.type == "cpu" else batch["index"].cpu().numpy()
-        half = half_sets[index]
-        if (half != half[0]).any() or (batch["half"].cpu().numpy() != half).any():
-            raise RuntimeError("a reconstruction batch mixes half sets (loader and plan disagree)")
-        images = batch["image"].to(device, torch.float32)
-        rotations = batch["rotation"].to(device, torch.float32)
-        shifts = -batch["origin_px"].to(device, torch.float32)
-        ctf = ctf_table_compute(batch["ctf"].to(device, torch.float32), ctf_size,
+        index = batch["index"].cpu().numpy()
+        rows = np.stack([lab[index] for lab in wanted.values()] + [half_sets[index]], axis=1)
+        if (rows != rows[0]).any() or (batch["half"].cpu().numpy() != rows[:, -1]).any():
+            raise RuntimeError("a reconstruction batch mixes groups or half sets (loader and plan disagree)")
+        if key is not None and tuple(rows[0]) != key:
+            flush()
+        key = tuple(int(v) for v in rows[0])
+        ctf = ctf_table_compute(batch["ctf"].to(device, torch.float32), scratch.ctf_size,
                                 batch["apix"].to(device, torch.float32))
-        for name, lab in wanted.items():
-            g = lab[index]
-            if g[0] < 0:
-                continue
-            if (g != g[0]).any():
-                raise RuntimeError(f"a reconstruction batch mixes groups of {name!r} (loader and plan disagree)")
-            accs[(name, int(g[0]), int(half[0]))].add(images, rotations, shifts, ctf)
+        scratch.add(batch["image"].to(device, torch.float32), batch["rotation"].to(device, torch.float32),
+                    -batch["origin_px"].to(device, torch.float32), ctf)
         if task is not None:
             progress.advance(task)
+    if key is not None:
+        flush()
 
 
 def _group_maps(name, g, acc1, acc2, wiener_snr) -> GroupMaps:
