@@ -16,9 +16,15 @@ def fake_batches(images, rotations, half):
         for b in batches:
             b = np.asarray(b)
             n = len(b)
-            yield {"image": images[b], "rotation": rotations[b], "origin_px": torch.zeros(n, 2),
-                   "ctf": torch.tensor([[1.2e4, 1.1e4, 10, 300, 2.7, 0.1, 0, 0, 1]]).expand(n, 9),
-                   "apix": torch.full((n,), 2.0), "index": torch.from_numpy(b), "half": torch.from_numpy(half[b])}
+            yield {
+                "image": images[b],
+                "rotation": rotations[b],
+                "origin_px": torch.zeros(n, 2),
+                "ctf": torch.tensor([[1.2e4, 1.1e4, 10, 300, 2.7, 0.1, 0, 0, 1]]).expand(n, 9),
+                "apix": torch.full((n,), 2.0),
+                "index": torch.from_numpy(b),
+                "half": torch.from_numpy(half[b]),
+            }
 
     return make
 
@@ -28,8 +34,13 @@ def reconstruct_on_rank(rank, world, init, out, images, rotations, half, labels)
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        maps = reconstruct_groups(fake_batches(images, rotations, half), {"c": labels}, half, images.shape[-1],
-                                  batch_size=5)
+        maps = reconstruct_groups(
+            fake_batches(images, rotations, half),
+            {"c": labels},
+            half,
+            images.shape[-1],
+            batch_size=5,
+        )
         if rank == 0:
             torch.save({g.group: (g.half1, g.half2, g.full, g.n_half) for g in maps["c"]}, out)
     finally:

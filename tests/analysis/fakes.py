@@ -30,10 +30,14 @@ def blob(x_angstrom: float, size: int, apix: float, sigma: float = SIGMA) -> tor
     return torch.exp(-((xx - x_angstrom) ** 2 + yy**2 + zz**2) / (2 * sigma**2))
 
 
-def blob_projections(x_angstrom: np.ndarray, rotations: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
+def blob_projections(
+    x_angstrom: np.ndarray, rotations: np.ndarray, shifts_px: np.ndarray
+) -> np.ndarray:
     """Exact projections (line integrals, Å) of unit blobs at ``(x, 0, 0)`` seen at RELION
     ``rotations`` ``(N, 3, 3)``, translated by ``shifts_px`` ``(N, 2)``: ``(N, BOX, BOX)``."""
-    centre = np.einsum("nij,nj->ni", rotations, np.stack([x_angstrom, 0 * x_angstrom, 0 * x_angstrom], 1))
+    centre = np.einsum(
+        "nij,nj->ni", rotations, np.stack([x_angstrom, 0 * x_angstrom, 0 * x_angstrom], 1)
+    )
     centre = centre[:, :2] / APIX + shifts_px
     axis = np.arange(BOX) - BOX // 2
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
@@ -79,8 +83,12 @@ class FakeModel(torch.nn.Module):
 
     @classmethod
     def default_manifest(cls) -> dict:
-        return {"method": cls.method, "result_loader": "hetero.analysis.result.load_model_result",
-                "parts": {"model": {"kind": "checkpoint", "path": "checkpoints/best.ckpt"}}, "analysis_steps": []}
+        return {
+            "method": cls.method,
+            "result_loader": "hetero.analysis.result.load_model_result",
+            "parts": {"model": {"kind": "checkpoint", "path": "checkpoints/best.ckpt"}},
+            "analysis_steps": [],
+        }
 
 
 def write_particles(folder: Path, labels: np.ndarray, seed: int = 0, noise: float = 0.5) -> Path:
@@ -94,16 +102,27 @@ def write_particles(folder: Path, labels: np.ndarray, seed: int = 0, noise: floa
     n = len(labels)
     rot = random_rotations(n, generator=torch.Generator().manual_seed(seed)).double().numpy()
     origins = rng.normal(0, 1.0, (n, 2))
-    images = blob_projections(STATES[labels], rot, -origins) + rng.normal(0, noise, (n, BOX, BOX)).astype(np.float32)
+    images = blob_projections(STATES[labels], rot, -origins) + rng.normal(
+        0, noise, (n, BOX, BOX)
+    ).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     stack = write_stack(folder / "particles.mrcs", images, APIX)
-    table = ParticleTable(image_paths=np.full(n, str(stack.resolve()), dtype=object), image_indices=np.arange(n),
-                          box_size=BOX, pixel_size_angstrom=np.full(n, APIX), rotations=rot, origins_px=origins,
-                          half_set=(rng.permutation(n) % 2).astype(np.int8), source="fake")
+    table = ParticleTable(
+        image_paths=np.full(n, str(stack.resolve()), dtype=object),
+        image_indices=np.arange(n),
+        box_size=BOX,
+        pixel_size_angstrom=np.full(n, APIX),
+        rotations=rot,
+        origins_px=origins,
+        half_set=(rng.permutation(n) % 2).astype(np.int8),
+        source="fake",
+    )
     return write_star(folder / "particles.star", table)
 
 
-def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0, write_latents: bool = True) -> tuple[Path, dict]:
+def make_run_dir(
+    root: Path, n_per_state: int = 40, seed: int = 0, write_latents: bool = True
+) -> tuple[Path, dict]:
     """A complete run dir (manifest, config, checkpoint, keyed latents clustered by state, real
     particle files) plus truth files in ``root``."""
     from hetero.analysis.latents import CheckpointId
@@ -118,24 +137,44 @@ def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0, write_latents
     star = write_particles(root / "data", labels, seed)
     cfg = {
         "model": {"_target_": "tests.analysis.fakes.FakeModel"},
-        "data": {"_target_": "hetero.data.datamodule.ParticleDataModule", "particles": str(star),
-                 "box_size": TEMPLATE, "batch_size": 16, "num_workers": 0, "persistent_workers": False,
-                 "sampler": "random", "val_fraction": 0.1, "norm_sample_size": 50,
-                 "split_file": str(run / "split.npz")},
+        "data": {
+            "_target_": "hetero.data.datamodule.ParticleDataModule",
+            "particles": str(star),
+            "box_size": TEMPLATE,
+            "batch_size": 16,
+            "num_workers": 0,
+            "persistent_workers": False,
+            "sampler": "random",
+            "val_fraction": 0.1,
+            "norm_sample_size": 50,
+            "split_file": str(run / "split.npz"),
+        },
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config_resolved.yaml")
-    info = {"n_particles": len(labels), "n_train": len(labels), "n_val": 0, "original_box": BOX,
-            "original_apix": APIX, "box_size": TEMPLATE, "apix": VOXEL, "has_poses": True,
-            "has_ctf": False}
+    info = {
+        "n_particles": len(labels),
+        "n_train": len(labels),
+        "n_val": 0,
+        "original_box": BOX,
+        "original_apix": APIX,
+        "box_size": TEMPLATE,
+        "apix": VOXEL,
+        "has_poses": True,
+        "has_ctf": False,
+    }
     (run / "data_info.json").write_text(json.dumps(info))
     ckpt = run / "checkpoints" / "best.ckpt"
     torch.save({"state_dict": FakeModel().state_dict()}, ckpt)
     latents = None
     if write_latents:
-        z = np.stack([STATES[labels], np.zeros(len(labels))], 1) + rng.normal(0, 0.3, (len(labels), 2))
+        z = np.stack([STATES[labels], np.zeros(len(labels))], 1) + rng.normal(
+            0, 0.3, (len(labels), 2)
+        )
         folder = write_keyed(run / "latents", CheckpointId.of(ckpt), {"z_mu": z.astype(np.float32)})
         latents = folder.relative_to(run)
-    write_manifest(run, run_manifest(FakeModel.default_manifest(), "checkpoints/best.ckpt", latents))
+    write_manifest(
+        run, run_manifest(FakeModel.default_manifest(), "checkpoints/best.ckpt", latents)
+    )
     rows = ["epoch,step,train/loss,val/loss"]
     for step in range(10):
         rows.append(f"0,{step},{1.0 / (step + 1)},")
@@ -158,12 +197,22 @@ def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0, write_latents
 class FakeRun:
     """What steps use of a :class:`~hetero.analysis.rundir.RunDir`: geometry, paths, data."""
 
-    def __init__(self, root: Path, box: int = BOX, apix: float = APIX, train_box: int = TEMPLATE,
-                 datamodule=None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        box: int = BOX,
+        apix: float = APIX,
+        train_box: int = TEMPLATE,
+        datamodule=None,
+    ) -> None:
         self.path = Path(root)
         self.checkpoint = self.path / "checkpoints" / "best.ckpt"
-        self.info = {"original_box": box, "original_apix": apix, "box_size": train_box,
-                     "apix": apix * box / train_box}
+        self.info = {
+            "original_box": box,
+            "original_apix": apix,
+            "box_size": train_box,
+            "apix": apix * box / train_box,
+        }
         self.manifest = FakeModel.default_manifest()
         self.metrics_csv = self.path / "logs" / "csv" / "metrics.csv"
         self._dm = datamodule
@@ -184,9 +233,19 @@ def analyze_config(overrides: list[str] | None = None):
     GlobalHydra.instance().clear()
     conf = str(Path(__file__).resolve().parents[2] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        return compose(config_name="analyze", overrides=[
-            "run_dir=/nonexistent", "progress=false", "umap.enabled=false", "pca_components=2",
-            "n_pc_traversals=1", "pc_traversal.steps=3", "per_image_fsc_samples=6", *(overrides or [])])
+        return compose(
+            config_name="analyze",
+            overrides=[
+                "run_dir=/nonexistent",
+                "progress=false",
+                "umap.enabled=false",
+                "pca_components=2",
+                "n_pc_traversals=1",
+                "pc_traversal.steps=3",
+                "per_image_fsc_samples=6",
+                *(overrides or []),
+            ],
+        )
 
 
 def fake_result(embedding: np.ndarray, labels: np.ndarray | None = None, decode: bool = True):
@@ -195,18 +254,32 @@ def fake_result(embedding: np.ndarray, labels: np.ndarray | None = None, decode:
 
     model = FakeModel()
     return AnalysisResult(
-        method="fake", n_particles=len(embedding), embedding=np.asarray(embedding, np.float32),
-        labels=labels, label_name="class" if labels is not None else None,
-        decode=(lambda z: model.decode(torch.as_tensor(z))) if decode else None, voxel_size=VOXEL,
+        method="fake",
+        n_particles=len(embedding),
+        embedding=np.asarray(embedding, np.float32),
+        labels=labels,
+        label_name="class" if labels is not None else None,
+        decode=(lambda z: model.decode(torch.as_tensor(z))) if decode else None,
+        voxel_size=VOXEL,
         provenance={"checkpoint": "fake.ckpt", "latents": "fake-latents/"},
     )
 
 
-def fake_context(tmp_path: Path, result, overrides: list[str] | None = None, datamodule=None, truth=None,
-                 **run_kwargs):
+def fake_context(
+    tmp_path: Path,
+    result,
+    overrides: list[str] | None = None,
+    datamodule=None,
+    truth=None,
+    **run_kwargs,
+):
     from hetero.analysis.context import AnalysisContext
 
-    ctx = AnalysisContext(cfg=analyze_config(overrides), run=FakeRun(tmp_path, datamodule=datamodule, **run_kwargs),
-                          out=tmp_path / "analysis", result=result)
+    ctx = AnalysisContext(
+        cfg=analyze_config(overrides),
+        run=FakeRun(tmp_path, datamodule=datamodule, **run_kwargs),
+        out=tmp_path / "analysis",
+        result=result,
+    )
     ctx.truth = truth
     return ctx

@@ -27,16 +27,25 @@ def compose_analyze(overrides: list[str]):
 def test_analyze_fake_run(tmp_path):
     run, truth = make_run_dir(tmp_path)
     vols = ",".join(str(p) for p in truth["volumes"])
-    cfg = compose_analyze([
-        f"run_dir={run}", "n_clusters=4", "pca_components=2", "n_pc_traversals=1",
-        "pc_traversal.steps=3", "umap.enabled=false", "per_image_fsc_samples=12",
-        f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]",
-    ])
+    cfg = compose_analyze(
+        [
+            f"run_dir={run}",
+            "n_clusters=4",
+            "pca_components=2",
+            "n_pc_traversals=1",
+            "pc_traversal.steps=3",
+            "umap.enabled=false",
+            "per_image_fsc_samples=12",
+            f"+truth.labels={truth['labels']}",
+            f"+truth.volumes=[{vols}]",
+        ]
+    )
     metrics = analyze(cfg)
     out = run / "analysis"
     assert json.loads((out / "metrics.json").read_text())["n_particles"] == 120
     assert sorted(p.name for p in (out / "maps" / "decoded" / "clusters").glob("*.mrc")) == [
-        f"cluster_00{i}.mrc" for i in range(4)]
+        f"cluster_00{i}.mrc" for i in range(4)
+    ]
     assert len(list((out / "maps" / "decoded" / "pc1").glob("*.mrc"))) == 3
     assert (out / "maps" / "decoded" / "pc1" / "pc1.cxc").is_file()
     with mrcfile.open(out / "maps" / "decoded" / "clusters" / "cluster_000.mrc") as mrc:
@@ -51,8 +60,14 @@ def test_analyze_fake_run(tmp_path):
     # Reconstructed from the particles at the original box: both half maps, FSC, table.
     rec = out / "maps" / "reconstructed"
     names = {p.name for p in (rec / "clusters").iterdir()}
-    assert {"cluster_000.mrc", "cluster_000_half1.mrc", "cluster_000_half2.mrc", "cluster_000_fsc.csv",
-            "resolution.csv", "clusters.cxc"} <= names
+    assert {
+        "cluster_000.mrc",
+        "cluster_000_half1.mrc",
+        "cluster_000_half2.mrc",
+        "cluster_000_fsc.csv",
+        "resolution.csv",
+        "clusters.cxc",
+    } <= names
     assert (rec / "consensus" / "consensus_half2.mrc").is_file()
     rows = metrics["reconstructed"]["clusters"]
     assert sum(r["particles"] for r in rows) == 120
@@ -66,8 +81,16 @@ def test_analyze_fake_run(tmp_path):
     assert gt["closer_to_truth"] == "decoded"
     assert (out / "subsets" / "cluster_000.star").is_file()
     report = (out / "report.html").read_text()
-    for name in ("Summary", "Training", "Latent space", "Clusters", "Decoded maps", "Reconstructed maps",
-                 "Ground truth", "Files"):
+    for name in (
+        "Summary",
+        "Training",
+        "Latent space",
+        "Clusters",
+        "Decoded maps",
+        "Reconstructed maps",
+        "Ground truth",
+        "Files",
+    ):
         assert f"<h2>{name}</h2>" in report
     assert report.count("data:image/png;base64,") >= 10  # UMAP is covered in test_latent
 
@@ -84,10 +107,15 @@ def test_analyze_homogeneous_run(tmp_path):
     from hetero.analysis.latents import CheckpointId, write_latents
 
     run, truth = make_run_dir(tmp_path, n_per_state=5)
-    write_latents(run / "latents", CheckpointId.of(run / "checkpoints" / "best.ckpt"),
-                  {"z_mu": np.zeros((15, 0), np.float32)})
+    write_latents(
+        run / "latents",
+        CheckpointId.of(run / "checkpoints" / "best.ckpt"),
+        {"z_mu": np.zeros((15, 0), np.float32)},
+    )
     vols = ",".join(str(p) for p in truth["volumes"])
-    cfg = compose_analyze([f"run_dir={run}", f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]"])
+    cfg = compose_analyze(
+        [f"run_dir={run}", f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]"]
+    )
     metrics = analyze(cfg)
     assert (run / "analysis" / "maps" / "decoded" / "consensus" / "consensus_000.mrc").is_file()
     assert (run / "analysis" / "maps" / "reconstructed" / "consensus" / "consensus.mrc").is_file()

@@ -14,7 +14,12 @@ from hetero.analysis.result import NonFiniteLatentsError, validate_result
 from hetero.tasks.analyze import analyze
 from tests.analysis.fakes import FakeModel, analyze_config, fake_result, make_run_dir
 
-QUICK = ["steps=[embedding]", "reconstruction.enabled=false", "subsets.enabled=false", "ground_truth.enabled=false"]
+QUICK = [
+    "steps=[embedding]",
+    "reconstruction.enabled=false",
+    "subsets.enabled=false",
+    "ground_truth.enabled=false",
+]
 
 
 def _snapshot(folder):
@@ -34,7 +39,9 @@ def test_latents_are_read_only_for_their_checkpoint(tmp_path):
     a.write_bytes(b"one")
     b.write_bytes(b"two")
     ida, idb = CheckpointId.of(a), CheckpointId.of(b)
-    folder = write_latents(tmp_path / "latents", ida, {"z_mu": np.ones((3, 2), np.float32)}, particles="p.star")
+    folder = write_latents(
+        tmp_path / "latents", ida, {"z_mu": np.ones((3, 2), np.float32)}, particles="p.star"
+    )
     assert folder.name == f"a-{ida.sha256[:12]}"
     source = json.loads((folder / "source.json").read_text())
     assert source["checkpoint"]["sha256"] == ida.sha256 and source["n_particles"] == 3
@@ -73,7 +80,11 @@ def test_other_checkpoint_and_recompute_never_write_into_the_run(tmp_path, monke
     before = _snapshot(run / "latents")
     last = _last_checkpoint(run)
     elsewhere = tmp_path / "elsewhere"
-    analyze(analyze_config([f"run_dir={run}", "checkpoint=last", f"output_dir={elsewhere}", "n_clusters=2", *QUICK]))
+    analyze(
+        analyze_config(
+            [f"run_dir={run}", "checkpoint=last", f"output_dir={elsewhere}", "n_clusters=2", *QUICK]
+        )
+    )
     folder = elsewhere / "latents" / last.key
     source = json.loads((folder / "source.json").read_text())
     assert source["checkpoint"]["sha256"] == last.sha256 and source["written_by"] == "analyze"
@@ -82,16 +93,24 @@ def test_other_checkpoint_and_recompute_never_write_into_the_run(tmp_path, monke
     # Same checkpoint, same output: reused, no inference pass.
     import hetero.analysis.inference as inference
 
-    monkeypatch.setattr(inference, "predict_particles", lambda *a, **k: pytest.fail("latents were recomputed"))
-    metrics = analyze(analyze_config([f"run_dir={run}", "checkpoint=last", f"output_dir={elsewhere}", *QUICK]))
+    monkeypatch.setattr(
+        inference, "predict_particles", lambda *a, **k: pytest.fail("latents were recomputed")
+    )
+    metrics = analyze(
+        analyze_config([f"run_dir={run}", "checkpoint=last", f"output_dir={elsewhere}", *QUICK])
+    )
     assert metrics["provenance"]["latents"] == str(folder)
     # The run's own (best) latents are reused from the run for best.
-    metrics = analyze(analyze_config([f"run_dir={run}", f"output_dir={tmp_path / 'third'}", *QUICK]))
+    metrics = analyze(
+        analyze_config([f"run_dir={run}", f"output_dir={tmp_path / 'third'}", *QUICK])
+    )
     assert metrics["provenance"]["latents"].startswith(str(run / "latents"))
     monkeypatch.undo()
     # recompute_latents=true elsewhere: a new folder there, the run's untouched.
     other = tmp_path / "other"
-    analyze(analyze_config([f"run_dir={run}", "recompute_latents=true", f"output_dir={other}", *QUICK]))
+    analyze(
+        analyze_config([f"run_dir={run}", "recompute_latents=true", f"output_dir={other}", *QUICK])
+    )
     best = CheckpointId.of(run / "checkpoints" / "best.ckpt")
     assert (other / "latents" / best.key / "z_mu.npy").is_file()
     assert _snapshot(run / "latents") == before
@@ -111,7 +130,12 @@ def test_non_finite_latents_are_refused_naming_checkpoint_and_particles(tmp_path
     with pytest.raises(NonFiniteLatentsError) as err:
         validate_result(fake_result(z))
     msg = str(err.value)
-    assert "2 of 10 particles" in msg and "3 (NaN), 7 (inf)" in msg and "fake.ckpt" in msg and "fake-latents/" in msg
+    assert (
+        "2 of 10 particles" in msg
+        and "3 (NaN), 7 (inf)" in msg
+        and "fake.ckpt" in msg
+        and "fake-latents/" in msg
+    )
 
 
 def test_analysis_stops_before_pca_on_non_finite_latents(tmp_path):
@@ -120,6 +144,9 @@ def test_analysis_stops_before_pca_on_non_finite_latents(tmp_path):
     z = np.random.default_rng(0).normal(size=(12, 2)).astype(np.float32)
     z[0, 0], z[11, 1] = np.inf, np.nan  # first and last particle
     write_latents(run / "latents", best, {"z_mu": z})
-    with pytest.raises(NonFiniteLatentsError, match=r"best.ckpt.*rows \(0-based, input order\): 0 \(inf\), 11 \(NaN\)"):
+    with pytest.raises(
+        NonFiniteLatentsError,
+        match=r"best.ckpt.*rows \(0-based, input order\): 0 \(inf\), 11 \(NaN\)",
+    ):
         analyze(analyze_config([f"run_dir={run}", "n_clusters=2"]))
     assert not (run / "analysis" / "latent").exists()

@@ -23,16 +23,31 @@ BOX, APIX, TRAIN_BOX = 24, 8.0, 12
 
 
 def _synthetic(tmp_path_factory, snr):
-    ds = SyntheticDataset(kind="discrete", n_particles=240, box_size=BOX, pixel_size_angstrom=APIX, n_states=2,
-                          snr=snr, seed=3, cache_dir=tmp_path_factory.getbasetemp() / "recon-synthetic")
+    ds = SyntheticDataset(
+        kind="discrete",
+        n_particles=240,
+        box_size=BOX,
+        pixel_size_angstrom=APIX,
+        n_states=2,
+        snr=snr,
+        seed=3,
+        cache_dir=tmp_path_factory.getbasetemp() / "recon-synthetic",
+    )
     ds.ensure()
     return ds
 
 
 def _datamodule(ds, tmp_path):
-    dm = ParticleDataModule(ds.star_path, box_size=TRAIN_BOX, num_workers=0, persistent_workers=False,
-                            sampler="random", batch_size=16, norm_sample_size=50,
-                            split_file=str(tmp_path / "split.npz"))
+    dm = ParticleDataModule(
+        ds.star_path,
+        box_size=TRAIN_BOX,
+        num_workers=0,
+        persistent_workers=False,
+        sampler="random",
+        batch_size=16,
+        norm_sample_size=50,
+        split_file=str(tmp_path / "split.npz"),
+    )
     dm.prepare_data()
     dm.setup("predict")
     return dm
@@ -49,7 +64,9 @@ def test_original_size_loader_and_planned_batches(noiseless, tmp_path):
     batch = next(iter(dm.predict_dataloader(original_size=True, batches=[np.array([5, 2, 9])])))
     assert batch["image"].shape == (3, BOX, BOX) and batch["index"].tolist() == [5, 2, 9]
     assert batch["apix"][0].item() == pytest.approx(APIX)
-    np.testing.assert_allclose(batch["origin_px"].numpy(), dm.table.origins_px[[5, 2, 9]], rtol=1e-5)
+    np.testing.assert_allclose(
+        batch["origin_px"].numpy(), dm.table.origins_px[[5, 2, 9]], rtol=1e-5
+    )
     cropped = next(iter(dm.predict_dataloader()))
     assert cropped["image"].shape[-1] == TRAIN_BOX
     keys = np.array([[0, 1, 0], [1, -1, 1], [0, 1, 0], [-1, -1, 0], [0, 1, 1], [0, 1, 0]])
@@ -66,8 +83,13 @@ def test_noiseless_one_state_subset_equals_the_physics_reconstruction(noiseless,
     dm = _datamodule(noiseless, tmp_path)
     truth = load_truth(noiseless.truth_dir)
     labels = truth["labels"]
-    maps = reconstruct_groups(lambda b: dm.predict_dataloader(original_size=True, batches=b),
-                              {"clusters": labels}, dm.table.half_set, BOX, batch_size=16)
+    maps = reconstruct_groups(
+        lambda b: dm.predict_dataloader(original_size=True, batches=b),
+        {"clusters": labels},
+        dm.table.half_set,
+        BOX,
+        batch_size=16,
+    )
     got = maps["clusters"][0]
     with mrcfile.open(noiseless.truth_dir + "/particles.mrcs") as mrc:
         stack = np.asarray(mrc.data, dtype=np.float32)
@@ -75,14 +97,27 @@ def test_noiseless_one_state_subset_equals_the_physics_reconstruction(noiseless,
     for half in (0, 1):
         idx = np.flatnonzero((labels == 0) & (truth["half_set"] == half))
         acc = BackprojectionAccumulator(BOX, 2, dtype=torch.float32)
-        ctf = compute_ctf(acc.ctf_size, APIX, torch.tensor(truth["defocus_u_angstrom"][idx]),
-                          torch.tensor(truth["defocus_v_angstrom"][idx]), torch.tensor(truth["defocus_angle_deg"][idx]),
-                          noiseless.voltage_kv, noiseless.spherical_aberration_mm, noiseless.amplitude_contrast)
+        ctf = compute_ctf(
+            acc.ctf_size,
+            APIX,
+            torch.tensor(truth["defocus_u_angstrom"][idx]),
+            torch.tensor(truth["defocus_v_angstrom"][idx]),
+            torch.tensor(truth["defocus_angle_deg"][idx]),
+            noiseless.voltage_kv,
+            noiseless.spherical_aberration_mm,
+            noiseless.amplitude_contrast,
+        )
         images = torch.from_numpy(stack[idx]) * dm.norm_scale
-        acc.add(images, torch.tensor(truth["rotations"][idx], dtype=torch.float32),
-                torch.tensor(truth["shifts_px"][idx], dtype=torch.float32), ctf)
+        acc.add(
+            images,
+            torch.tensor(truth["rotations"][idx], dtype=torch.float32),
+            torch.tensor(truth["shifts_px"][idx], dtype=torch.float32),
+            ctf,
+        )
         accs.append(acc)
-    assert got.n_half == (accs[0].count, accs[1].count) and sum(got.n_half) == int((labels == 0).sum())
+    assert got.n_half == (accs[0].count, accs[1].count) and sum(got.n_half) == int(
+        (labels == 0).sum()
+    )
     ref1, ref2 = accs[0].reconstruct(1.0), accs[1].reconstruct(1.0)
     accs[0].merge(accs[1])
     ref = accs[0].reconstruct(1.0)
@@ -108,12 +143,16 @@ def test_half_maps_use_disjoint_particles():
         seen.extend(np.concatenate(batches).tolist())
         return fake_batches(images, rot, half)(batches)
 
-    maps = reconstruct_groups(loader, {"a": np.zeros(n, int), "b": np.arange(n) % 3 - 1}, half, d, batch_size=7)
+    maps = reconstruct_groups(
+        loader, {"a": np.zeros(n, int), "b": np.arange(n) % 3 - 1}, half, d, batch_size=7
+    )
     assert sorted(seen) == list(range(n))
     whole = maps["a"][0]
     assert whole.n_half == (20, 20)
     assert float(whole.half1.abs().max()) == 0.0 and float(whole.half2.abs().max()) > 0
-    assert [g.n_particles for g in maps["b"]] == [int((np.arange(n) % 3 == k).sum()) for k in (1, 2)]
+    assert [g.n_particles for g in maps["b"]] == [
+        int((np.arange(n) % 3 == k).sum()) for k in (1, 2)
+    ]
 
 
 def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
@@ -127,17 +166,33 @@ def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
 
     labels = np.repeat([0, 2], 40)  # fakes.STATES[0] = -6 Å, STATES[2] = +6 Å
     star = fakes.write_particles(tmp_path / "data", labels, seed=4, noise=1.0)
-    dm = ParticleDataModule(str(star), box_size=fakes.TEMPLATE, num_workers=0, persistent_workers=False,
-                            sampler="random", norm_sample_size=40, split_file=None)
+    dm = ParticleDataModule(
+        str(star),
+        box_size=fakes.TEMPLATE,
+        num_workers=0,
+        persistent_workers=False,
+        sampler="random",
+        norm_sample_size=40,
+        split_file=None,
+    )
     dm.prepare_data()
     dm.setup("predict")
     planted = (labels == 2).astype(np.int64)
     rng = np.random.default_rng(0)
     z = np.stack([planted * 3.0, np.zeros(len(labels))], 1) + rng.normal(0, 0.5, (len(labels), 2))
-    truth = {"labels": planted, "volumes": torch.stack([fakes.blob(-6.0, fakes.BOX, fakes.APIX),
-                                                        fakes.blob(6.0, fakes.BOX, fakes.APIX)])}
-    ctx = fake_context(tmp_path, fake_result(z), ["n_clusters=2", "reconstruction.truth_states=false"],
-                       datamodule=dm, truth=truth)
+    truth = {
+        "labels": planted,
+        "volumes": torch.stack(
+            [fakes.blob(-6.0, fakes.BOX, fakes.APIX), fakes.blob(6.0, fakes.BOX, fakes.APIX)]
+        ),
+    }
+    ctx = fake_context(
+        tmp_path,
+        fake_result(z),
+        ["n_clusters=2", "reconstruction.truth_states=false"],
+        datamodule=dm,
+        truth=truth,
+    )
     clustering(ctx)
     reconstruction(ctx)
     scored = ctx.metrics["ground_truth"]["reconstructed"]
@@ -149,7 +204,10 @@ def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
         assert clusters[s]["auc"] > consensus[s]["auc"] + 0.02, (clusters[s], consensus[s])
         assert clusters[s]["res_0.5"] < consensus[s]["res_0.5"]
     rows = ctx.metrics["reconstructed"]["clusters"]
-    assert all(r["half1"] + r["half2"] == 40 and r["res_0.143_unmasked"] < 10 and r["res_0.143_masked"] for r in rows)
+    assert all(
+        r["half1"] + r["half2"] == 40 and r["res_0.143_unmasked"] < 10 and r["res_0.143_masked"]
+        for r in rows
+    )
     folder = ctx.out / "maps" / "reconstructed" / "clusters"
     with mrcfile.open(folder / "cluster_001_half2.mrc") as mrc:
         assert mrc.data.shape == (fakes.BOX,) * 3 and mrc.voxel_size.x == pytest.approx(fakes.APIX)
@@ -164,10 +222,16 @@ def test_two_processes_all_reduce_to_the_one_process_maps(tmp_path):
     gen = torch.Generator().manual_seed(5)
     images, rot = torch.randn(n, d, d, generator=gen), random_rotations(n, generator=gen)
     half, labels = np.arange(n) % 2, np.arange(n) % 3
-    single = reconstruct_groups(fake_batches(images, rot, half), {"c": labels}, half, d, batch_size=5)
+    single = reconstruct_groups(
+        fake_batches(images, rot, half), {"c": labels}, half, d, batch_size=5
+    )
     out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(reconstruct_on_rank, nprocs=2, join=True,
-                                args=(2, f"file://{tmp_path / 'rendezvous'}", str(out), images, rot, half, labels))
+    torch.multiprocessing.spawn(
+        reconstruct_on_rank,
+        nprocs=2,
+        join=True,
+        args=(2, f"file://{tmp_path / 'rendezvous'}", str(out), images, rot, half, labels),
+    )
     multi = torch.load(out, weights_only=True)
     for g in single["c"]:
         h1, h2, full, counts = multi[g.group]

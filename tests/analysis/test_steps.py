@@ -39,10 +39,15 @@ def test_embedding_step(tmp_path):
     assert np.load(ctx.out / "latent" / "pca_coords.npy").shape == (30, 2)
     xy, axes, name = ctx.state["embedding_2d"]
     assert name == "pca" and axes == ("PC1", "PC2") and xy.shape == (30, 2)
-    assert ctx.metrics["pca_explained_variance_ratio"][0] == pytest.approx(pcs.explained_variance_ratio[0])
+    assert ctx.metrics["pca_explained_variance_ratio"][0] == pytest.approx(
+        pcs.explained_variance_ratio[0]
+    )
     empty = fake_context(tmp_path / "e", fake_result(np.zeros((5, 0))))
     embedding(empty)
-    assert "pca" not in empty.state and "no per-particle embedding" in empty.sections["Latent space"][0]
+    assert (
+        "pca" not in empty.state
+        and "no per-particle embedding" in empty.sections["Latent space"][0]
+    )
 
 
 def test_clustering_step_with_method_labels(tmp_path):
@@ -79,7 +84,9 @@ def test_decoded_maps_and_traversals(tmp_path):
     none = fake_context(tmp_path / "n", fake_result(z, decode=False), ["n_clusters=3"])
     clustering(none)
     decoded_maps(none)
-    assert not (none.out / "maps").exists() and "does not decode" in none.sections["Decoded maps"][0]
+    assert (
+        not (none.out / "maps").exists() and "does not decode" in none.sections["Decoded maps"][0]
+    )
     consensus = fake_context(tmp_path / "c", fake_result(np.zeros((4, 0))))
     decoded_maps(consensus)
     assert (consensus.out / "maps" / "decoded" / "consensus" / "consensus_000.mrc").is_file()
@@ -87,8 +94,12 @@ def test_decoded_maps_and_traversals(tmp_path):
 
 def test_ground_truth_step(tmp_path):
     z, labels = planted()
-    truth = {"labels": labels, "volumes": torch.stack([blob(float(x), BOX, APIX) for x in STATES]),
-             "kind": "discrete", "source": "test"}
+    truth = {
+        "labels": labels,
+        "volumes": torch.stack([blob(float(x), BOX, APIX) for x in STATES]),
+        "kind": "discrete",
+        "source": "test",
+    }
     ctx = fake_context(tmp_path, fake_result(z), ["per_image_fsc_samples=6"], truth=truth)
     embedding(ctx)
     ground_truth(ctx)
@@ -106,8 +117,13 @@ def test_ground_truth_step(tmp_path):
 def test_subsets_step(tmp_path):
     z, labels = planted(4)
     n = len(z)
-    table = ParticleTable(image_paths=np.full(n, str(tmp_path / "stack.mrcs"), dtype=object), image_indices=np.arange(n),
-                          box_size=BOX, pixel_size_angstrom=np.full(n, APIX), source="test")
+    table = ParticleTable(
+        image_paths=np.full(n, str(tmp_path / "stack.mrcs"), dtype=object),
+        image_indices=np.arange(n),
+        box_size=BOX,
+        pixel_size_angstrom=np.full(n, APIX),
+        source="test",
+    )
     dm = type("DM", (), {"table": table})()
     method = labels.copy()
     method[0] = -1
@@ -116,7 +132,9 @@ def test_subsets_step(tmp_path):
     subsets(ctx)
     km = ctx.state["clusters"]
     for c in range(3):
-        np.testing.assert_array_equal(np.load(ctx.out / "subsets" / f"cluster_00{c}.npy"), np.flatnonzero(km.labels == c))
+        np.testing.assert_array_equal(
+            np.load(ctx.out / "subsets" / f"cluster_00{c}.npy"), np.flatnonzero(km.labels == c)
+        )
         assert (ctx.out / "subsets" / f"cluster_00{c}.star").is_file()
     np.testing.assert_array_equal(np.load(ctx.out / "subsets" / "class_000.npy"), [1, 2, 3])
     assert ctx.metrics["subsets"]["class_000"] == 3
@@ -136,8 +154,11 @@ def test_steps_that_need_data_fail_loudly(tmp_path):
         subsets(ctx)
     with pytest.raises(DataUnavailableError, match="reconstruction from the particles"):
         reconstruction(ctx)
-    off = fake_context(tmp_path / "off", fake_result(z), ["n_clusters=2", "subsets.enabled=false",
-                                                          "reconstruction.enabled=false"])
+    off = fake_context(
+        tmp_path / "off",
+        fake_result(z),
+        ["n_clusters=2", "subsets.enabled=false", "reconstruction.enabled=false"],
+    )
     clustering(off)
     subsets(off)
     reconstruction(off)

@@ -114,7 +114,9 @@ class AnalysisContext:
 
             particles = getattr(dm, "particles", None)
             dataset = particles if isinstance(particles, SyntheticDataset) else None
-        return load_ground_truth(user, truth_dir, self.result.n_particles, self.box, self.apix, dataset)
+        return load_ground_truth(
+            user, truth_dir, self.result.n_particles, self.box, self.apix, dataset
+        )
 
     # -- maps ----------------------------------------------------------------------------------
     def decode_to_original(self, points: np.ndarray, description: str | None) -> torch.Tensor:
@@ -124,11 +126,18 @@ class AnalysisContext:
         if self.result.decode is None:
             raise ValueError(f"{self.result.method} cannot decode maps")
         bar = self.progress if description else None
-        vols = decode_volumes(self.result.decode, points, int(self.cfg.maps.get("batch_size", 4)), bar,
-                              description or "")
+        vols = decode_volumes(
+            self.result.decode,
+            points,
+            int(self.cfg.maps.get("batch_size", 4)),
+            bar,
+            description or "",
+        )
         return resample_to_box(vols, float(self.result.voxel_size), self.box, self.apix)
 
-    def write_series(self, folder: str | Path, volumes: torch.Tensor, prefix: str, play: bool = False) -> list[Path]:
+    def write_series(
+        self, folder: str | Path, volumes: torch.Tensor, prefix: str, play: bool = False
+    ) -> list[Path]:
         """Maps ``<out>/<folder>/<prefix>_000.mrc ...`` plus a ChimeraX ``<name>.cxc``."""
         from hetero.analysis.volumes import contour_level, write_chimerax_script, write_maps
 

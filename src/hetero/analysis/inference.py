@@ -18,7 +18,9 @@ import torch
 
 
 @torch.no_grad()
-def predict_particles(model, dataloader, device=None, progress: bool = True) -> dict[str, np.ndarray]:
+def predict_particles(
+    model, dataloader, device=None, progress: bool = True
+) -> dict[str, np.ndarray]:
     """Run ``model.predict_step`` over ``dataloader`` and assemble the outputs by ``index``.
 
     :return: ``{name: (N, ...) array}``; floating arrays as float32, ``N`` = the loader's
@@ -38,7 +40,9 @@ def predict_particles(model, dataloader, device=None, progress: bool = True) -> 
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = dict(model.predict_step(batch, i))
         if "index" not in out:
-            raise ValueError(f"{type(model).__name__}.predict_step must return 'index' with its arrays")
+            raise ValueError(
+                f"{type(model).__name__}.predict_step must return 'index' with its arrays"
+            )
         indices.append(out.pop("index").detach().cpu().numpy().astype(np.int64))
         for name, value in out.items():
             value = value.detach().cpu()

@@ -70,7 +70,12 @@ class CheckpointId:
         return f"{self.path.stem}-{self.sha256[:12]}"
 
     def as_dict(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
 
 
 def read_latents(folder: str | Path, checkpoint: CheckpointId) -> dict[str, np.ndarray] | None:
@@ -83,8 +88,10 @@ def read_latents(folder: str | Path, checkpoint: CheckpointId) -> dict[str, np.n
     meta = json.loads(source.read_text())
     recorded = (meta.get("checkpoint") or {}).get("sha256")
     if recorded != checkpoint.sha256:
-        log.info(f"{folder} holds latents of another checkpoint ({meta.get('checkpoint', {}).get('path')}); "
-                 "not reused")
+        log.info(
+            f"{folder} holds latents of another checkpoint ({meta.get('checkpoint', {}).get('path')}); "
+            "not reused"
+        )
         return None
     names = meta.get("arrays") or sorted(p.stem for p in folder.glob("*.npy"))
     return {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
@@ -112,13 +119,16 @@ def write_latents(
         for name, array in arrays.items():
             write_npy(tmp / f"{name}.npy", np.asarray(array))
         n = {int(np.asarray(a).shape[0]) for a in arrays.values() if np.asarray(a).ndim}
-        write_json(tmp / SOURCE_NAME, {
-            "checkpoint": checkpoint.as_dict(),
-            "arrays": sorted(arrays),
-            "n_particles": n.pop() if len(n) == 1 else None,
-            "particles": particles,
-            "written_by": written_by,
-        })
+        write_json(
+            tmp / SOURCE_NAME,
+            {
+                "checkpoint": checkpoint.as_dict(),
+                "arrays": sorted(arrays),
+                "n_particles": n.pop() if len(n) == 1 else None,
+                "particles": particles,
+                "written_by": written_by,
+            },
+        )
         os.chmod(tmp, 0o777 & ~_umask())
         _rename_into_place(tmp, target)
     except BaseException:

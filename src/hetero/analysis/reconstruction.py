@@ -107,7 +107,9 @@ def _all_reduce(acc: BackprojectionAccumulator) -> None:
     acc.count = int(count.item())
 
 
-def _passes(groups: list[tuple[str, int]], per_group: int, budget: int | None) -> list[list[tuple[str, int]]]:
+def _passes(
+    groups: list[tuple[str, int]], per_group: int, budget: int | None
+) -> list[list[tuple[str, int]]]:
     if not budget or per_group * len(groups) <= budget:
         return [groups]
     per_pass = max(1, int(budget // per_group))
@@ -157,26 +159,44 @@ def reconstruct_groups(
             raise ValueError(f"labeling {name!r} has {len(lab)} entries for {n} particles")
     if not np.isin(half_sets, (0, 1)).all():
         raise ValueError("half sets must be 0 or 1 for every particle")
-    groups = [(name, g) for name, lab in labels.items() for g in range(int(lab.max(initial=-1)) + 1)]
+    groups = [
+        (name, g) for name, lab in labels.items() for g in range(int(lab.max(initial=-1)) + 1)
+    ]
     device = torch.device(device)
     per_group = 2 * accumulator_bytes(box_size, pad_factor, dtype)
-    out: dict[str, list[GroupMaps | None]] = {k: [None] * (int(v.max(initial=-1)) + 1) for k, v in labels.items()}
+    out: dict[str, list[GroupMaps | None]] = {
+        k: [None] * (int(v.max(initial=-1)) + 1) for k, v in labels.items()
+    }
     rank, world = _dist()
     for todo in _passes(groups, per_group, max_memory_bytes):
-        accs = {(name, g, h): BackprojectionAccumulator(box_size, pad_factor, device=device, dtype=dtype)
-                for name, g in todo for h in (0, 1)}
+        accs = {
+            (name, g, h): BackprojectionAccumulator(
+                box_size, pad_factor, device=device, dtype=dtype
+            )
+            for name, g in todo
+            for h in (0, 1)
+        }
         wanted = {name: np.full(n, -1, np.int64) for name in labels}
         for name, g in todo:
             wanted[name][labels[name] == g] = g
         keys = np.stack([*wanted.values(), half_sets], axis=1)
         batches = plan_batches(keys, batch_size)
-        _accumulate(make_loader(batches[rank::world]), accs, wanted, half_sets, device,
-                    progress, len(batches[rank::world]))
+        _accumulate(
+            make_loader(batches[rank::world]),
+            accs,
+            wanted,
+            half_sets,
+            device,
+            progress,
+            len(batches[rank::world]),
+        )
         for acc in accs.values():
             if world > 1:
                 _all_reduce(acc)
         for name, g in todo:
-            out[name][g] = _group_maps(name, g, accs.pop((name, g, 0)), accs.pop((name, g, 1)), wiener_snr)
+            out[name][g] = _group_maps(
+                name, g, accs.pop((name, g, 0)), accs.pop((name, g, 1)), wiener_snr
+            )
     return out
 
 
@@ -184,9 +204,13 @@ def _accumulate(loader, accs, wanted, half_sets, device, progress, total) -> Non
     """Insert each run of batches sharing one key (group in every labeling, half set) into one
     scratch accumulator, then add it to that key's group accumulators: every image is inserted
     once, whatever the number of labelings."""
-    task = progress.add_task("Reconstructing maps from particles", total=total) if progress else None
+    task = (
+        progress.add_task("Reconstructing maps from particles", total=total) if progress else None
+    )
     first = next(iter(accs.values()))
-    scratch = BackprojectionAccumulator(first.box_size, first.pad_factor, device=device, dtype=first.weight.dtype)
+    scratch = BackprojectionAccumulator(
+        first.box_size, first.pad_factor, device=device, dtype=first.weight.dtype
+    )
     key = None
 
     def flush():
@@ -201,14 +225,23 @@ def _accumulate(loader, accs, wanted, half_sets, device, progress, total) -> Non
         index = batch["index"].cpu().numpy()
         rows = np.stack([lab[index] for lab in wanted.values()] + [half_sets[index]], axis=1)
         if (rows != rows[0]).any() or (batch["half"].cpu().numpy() != rows[:, -1]).any():
-            raise RuntimeError("a reconstruction batch mixes groups or half sets (loader and plan disagree)")
+            raise RuntimeError(
+                "a reconstruction batch mixes groups or half sets (loader and plan disagree)"
+            )
         if key is not None and tuple(rows[0]) != key:
             flush()
         key = tuple(int(v) for v in rows[0])
-        ctf = ctf_table_compute(batch["ctf"].to(device, torch.float32), scratch.ctf_size,
-                                batch["apix"].to(device, torch.float32))
-        scratch.add(batch["image"].to(device, torch.float32), batch["rotation"].to(device, torch.float32),
-                    -batch["origin_px"].to(device, torch.float32), ctf)
+        ctf = ctf_table_compute(
+            batch["ctf"].to(device, torch.float32),
+            scratch.ctf_size,
+            batch["apix"].to(device, torch.float32),
+        )
+        scratch.add(
+            batch["image"].to(device, torch.float32),
+            batch["rotation"].to(device, torch.float32),
+            -batch["origin_px"].to(device, torch.float32),
+            ctf,
+        )
         if task is not None:
             progress.advance(task)
     if key is not None:

@@ -33,7 +33,9 @@ def lowpass(volume: Tensor, apix: float, resolution_angstrom: float) -> Tensor:
     d = volume.shape[-1]
     s = radius_grid((d, d, d), device=volume.device, dtype=torch.float64) / (d * apix)
     s0 = 1.0 / float(resolution_angstrom)
-    return ifft3_centered(fft3_centered(volume.double()) * torch.exp(-(s**2) / (2 * s0**2))).real.float()
+    return ifft3_centered(
+        fft3_centered(volume.double()) * torch.exp(-(s**2) / (2 * s0**2))
+    ).real.float()
 
 
 def map_mask(
@@ -53,7 +55,9 @@ def map_mask(
     return soft_mask_from_volume(smooth, threshold * top, int(extend_px), int(soft_edge_px))
 
 
-def half_map_resolution(half1: Tensor, half2: Tensor, apix: float, mask: Tensor | None = None) -> dict:
+def half_map_resolution(
+    half1: Tensor, half2: Tensor, apix: float, mask: Tensor | None = None
+) -> dict:
     """FSC between half maps, unmasked and (if ``mask``) masked, and their resolutions.
 
     :return: ``{"fsc_unmasked": list, "fsc_masked": list | None, "res_0.143_unmasked",

@@ -84,11 +84,15 @@ def validate_result(result: AnalysisResult) -> None:
     if emb.ndim != 2 or emb.shape[0] != n:
         raise ValueError(f"{result.method}: embedding must be (N={n}, E), got {emb.shape}")
     if result.labels is not None and np.asarray(result.labels).shape != (n,):
-        raise ValueError(f"{result.method}: labels must be (N={n},), got {np.asarray(result.labels).shape}")
+        raise ValueError(
+            f"{result.method}: labels must be (N={n},), got {np.asarray(result.labels).shape}"
+        )
     bad = ~np.isfinite(emb).all(axis=1) if emb.shape[1] else np.zeros(n, bool)
     if bad.any():
         rows = np.flatnonzero(bad)
-        shown = ", ".join(f"{int(i)} ({'NaN' if np.isnan(emb[i]).any() else 'inf'})" for i in rows[:20])
+        shown = ", ".join(
+            f"{int(i)} ({'NaN' if np.isnan(emb[i]).any() else 'inf'})" for i in rows[:20]
+        )
         more = f" and {len(rows) - 20} more" if len(rows) > 20 else ""
         prov = result.provenance
         raise NonFiniteLatentsError(
@@ -108,7 +112,9 @@ def load_result(run, cfg) -> AnalysisResult:
     loader = hydra.utils.get_method(path)
     result = loader(run, cfg)
     if not isinstance(result, AnalysisResult):
-        raise TypeError(f"result_loader {path} returned {type(result).__name__}, not AnalysisResult")
+        raise TypeError(
+            f"result_loader {path} returned {type(result).__name__}, not AnalysisResult"
+        )
     return result
 
 
@@ -121,8 +127,10 @@ def load_model_result(run, cfg) -> AnalysisResult:
     arrays, folder, ckpt = particle_arrays(run, model, cfg)
     key = model.embedding_key
     if key not in arrays:
-        raise KeyError(f"{type(model).__name__}.embedding_key={key!r} is not among the predicted arrays "
-                       f"{sorted(arrays)} in {folder}")
+        raise KeyError(
+            f"{type(model).__name__}.embedding_key={key!r} is not among the predicted arrays "
+            f"{sorted(arrays)} in {folder}"
+        )
     embedding = np.asarray(arrays[key], dtype=np.float32)
     n = int(embedding.shape[0])
     labels_key = getattr(model, "labels_key", None)
@@ -146,8 +154,12 @@ def load_model_result(run, cfg) -> AnalysisResult:
         voxel_size=float(model.template_voxel_size()),
         state_maps=None if state_maps is None else state_maps.detach().float().cpu(),
         per_particle={k: v for k, v in arrays.items() if k not in (key, labels_key)},
-        provenance={"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "latents": str(folder),
-                    "manifest_parts": sorted(run.manifest.get("parts", {}))},
+        provenance={
+            "checkpoint": str(ckpt.path),
+            "checkpoint_sha256": ckpt.sha256,
+            "latents": str(folder),
+            "manifest_parts": sorted(run.manifest.get("parts", {})),
+        },
         extras={"model": model},
     )
 
@@ -176,14 +188,22 @@ def particle_arrays(run, model, cfg) -> tuple[dict[str, np.ndarray], Path, Any]:
                 log.info(f"Latents of {ckpt.path.name} (sha256 {ckpt.sha256[:12]}) from {folder}")
                 return arrays, folder, ckpt
         if (run.path / "latents" / "z_mu.npy").is_file():
-            log.info(f"{run.path / 'latents'} holds latents that record no checkpoint (made before "
-                     "latents were keyed by checkpoint): not reused")
-        log.info(f"No latents recorded for {ckpt.path.name} (sha256 {ckpt.sha256[:12]}): running the "
-                 "inference pass")
+            log.info(
+                f"{run.path / 'latents'} holds latents that record no checkpoint (made before "
+                "latents were keyed by checkpoint): not reused"
+            )
+        log.info(
+            f"No latents recorded for {ckpt.path.name} (sha256 {ckpt.sha256[:12]}): running the "
+            "inference pass"
+        )
     dm = run.datamodule("computing the latents of the checkpoint")
     device = str(cfg.maps.get("device", "cpu"))
-    arrays = predict_particles(model, dm.predict_dataloader(shard=False), device, progress=bool(cfg.progress))
+    arrays = predict_particles(
+        model, dm.predict_dataloader(shard=False), device, progress=bool(cfg.progress)
+    )
     model.to(device).eval()
-    folder = write_latents(own, ckpt, arrays, particles=getattr(dm, "particles_path", None), written_by="analyze")
+    folder = write_latents(
+        own, ckpt, arrays, particles=getattr(dm, "particles_path", None), written_by="analyze"
+    )
     log.info(f"Latents of {len(next(iter(arrays.values())))} particles -> {folder}")
     return arrays, folder, ckpt

@@ -126,7 +126,11 @@ class RunDir:
 
         if not overrides:
             return
-        plain = OmegaConf.to_container(overrides, resolve=True) if not isinstance(overrides, dict) else overrides
+        plain = (
+            OmegaConf.to_container(overrides, resolve=True)
+            if not isinstance(overrides, dict)
+            else overrides
+        )
         plain = {k: v for k, v in plain.items() if v is not None}
         if plain:
             self.cfg.data = OmegaConf.merge(self.cfg.data, plain)
@@ -188,10 +192,16 @@ def synthesise_manifest(cfg, run_dir: Path) -> dict:
     if callable(default):
         manifest = default()
     else:
-        manifest = {"method": cls.__name__.lower(), "result_loader": "hetero.analysis.result.load_model_result",
-                    "parts": {}, "analysis_steps": []}
-    log.info(f"{run_dir} has no manifest.json (made before manifests existed): using the default "
-             f"manifest of {target}")
+        manifest = {
+            "method": cls.__name__.lower(),
+            "result_loader": "hetero.analysis.result.load_model_result",
+            "parts": {},
+            "analysis_steps": [],
+        }
+    log.info(
+        f"{run_dir} has no manifest.json (made before manifests existed): using the default "
+        f"manifest of {target}"
+    )
     return run_manifest(manifest)
 
 

@@ -17,8 +17,12 @@ from hetero.analysis.volumes import resample_to_box
 from hetero.data.io.mrc import read_volume
 
 
-def _on_original_grid(volumes: np.ndarray, apix: float, box: int, original_apix: float) -> torch.Tensor:
-    return resample_to_box(torch.from_numpy(np.array(volumes, dtype=np.float32)), apix, box, original_apix)
+def _on_original_grid(
+    volumes: np.ndarray, apix: float, box: int, original_apix: float
+) -> torch.Tensor:
+    return resample_to_box(
+        torch.from_numpy(np.array(volumes, dtype=np.float32)), apix, box, original_apix
+    )
 
 
 def _user_truth(user, box: int, apix: float) -> dict[str, Any]:
@@ -33,7 +37,9 @@ def _user_truth(user, box: int, apix: float) -> dict[str, Any]:
             vol, vapix = read_volume(str(p))
             vols.append(_on_original_grid(vol[None], vapix, box, apix)[0])
         truth["volumes"] = torch.stack(vols)
-    truth["kind"] = user.get("kind") or ("continuous" if "t" in truth and "labels" not in truth else "discrete")
+    truth["kind"] = user.get("kind") or (
+        "continuous" if "t" in truth and "labels" not in truth else "discrete"
+    )
     return truth
 
 
@@ -41,12 +47,17 @@ def _synthetic_truth(truth_dir, box: int, apix: float) -> dict[str, Any]:
     from hetero.data.synthetic import load_truth
 
     raw = load_truth(truth_dir)
-    truth: dict[str, Any] = {"source": f"synthetic ({truth_dir})", "kind": str(raw.get("kind", "discrete"))}
+    truth: dict[str, Any] = {
+        "source": f"synthetic ({truth_dir})",
+        "kind": str(raw.get("kind", "discrete")),
+    }
     for key in ("labels", "t", "t_grid"):
         if raw.get(key) is not None:
             truth[key] = np.asarray(raw[key])
     if raw.get("volumes") is not None:
-        truth["volumes"] = _on_original_grid(np.asarray(raw["volumes"]), float(raw.get("apix", apix)), box, apix)
+        truth["volumes"] = _on_original_grid(
+            np.asarray(raw["volumes"]), float(raw.get("apix", apix)), box, apix
+        )
     return truth
 
 
@@ -71,7 +82,9 @@ def load_ground_truth(
         return None
     for key in ("labels", "t"):
         if key in truth and len(truth[key]) != n_particles:
-            raise ValueError(f"ground truth {key} has {len(truth[key])} rows but the run has {n_particles} particles")
+            raise ValueError(
+                f"ground truth {key} has {len(truth[key])} rows but the run has {n_particles} particles"
+            )
     if "labels" not in truth and "t" in truth and "volumes" in truth:
         # Continuous truth: volume i was rendered at t_grid[i] (evenly spaced over the range of t
         # unless the truth says otherwise); each particle's state is the nearest grid point.

@@ -33,10 +33,23 @@ log = RankedLogger(__name__)
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    return Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
@@ -52,22 +65,35 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("run_dir is required: python analyze.py run_dir=<training run directory>")
     run = RunDir.open(cfg.run_dir, cfg.get("checkpoint", "best"))
     run.override_data(cfg.get("data"))
-    steps = [resolve_step(s) for s in cfg.steps] + [resolve_step(s) for s in run.manifest["analysis_steps"]]
+    steps = [resolve_step(s) for s in cfg.steps] + [
+        resolve_step(s) for s in run.manifest["analysis_steps"]
+    ]
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log.info(f"Analysing {run.path} ({run.manifest['method']}, checkpoint {run.checkpoint.name}) -> {out}")
+    log.info(
+        f"Analysing {run.path} ({run.manifest['method']}, checkpoint {run.checkpoint.name}) -> {out}"
+    )
 
     ctx = AnalysisContext(cfg=cfg, run=run, out=out)
     ctx.state["start_time"] = start
     ctx.result = load_result(run, cfg)
     validate_result(ctx.result)
-    ctx.metrics.update(run_dir=str(run.path), checkpoint=str(run.checkpoint), method=ctx.result.method,
-                       n_particles=ctx.result.n_particles, latent_dim=ctx.result.embedding_dim,
-                       original_box=ctx.box, original_apix=ctx.apix, provenance=ctx.result.provenance)
+    ctx.metrics.update(
+        run_dir=str(run.path),
+        checkpoint=str(run.checkpoint),
+        method=ctx.result.method,
+        n_particles=ctx.result.n_particles,
+        latent_dim=ctx.result.embedding_dim,
+        original_box=ctx.box,
+        original_apix=ctx.apix,
+        provenance=ctx.result.provenance,
+    )
     if ctx.result.voxel_size:
-        ctx.metrics.update(template_voxel_size=ctx.result.voxel_size,
-                           template_size=int(round(ctx.box * ctx.apix / ctx.result.voxel_size)))
+        ctx.metrics.update(
+            template_voxel_size=ctx.result.voxel_size,
+            template_size=int(round(ctx.box * ctx.apix / ctx.result.voxel_size)),
+        )
     with _progress(bool(cfg.progress)) as progress:
         ctx.progress = progress
         for step in steps:

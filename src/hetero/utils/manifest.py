@@ -96,7 +96,9 @@ def validate_manifest(manifest: dict, where: str | Path) -> None:
             f"{where}: format {manifest['format']!r} is not supported by this hetero (reads {FORMAT})"
         )
     if not isinstance(manifest["result_loader"], str) or "." not in manifest["result_loader"]:
-        raise ManifestError(f"{where}: result_loader must be a dotted path, got {manifest['result_loader']!r}")
+        raise ManifestError(
+            f"{where}: result_loader must be a dotted path, got {manifest['result_loader']!r}"
+        )
     if not isinstance(manifest["parts"], dict):
         raise ManifestError(f"{where}: parts must be an object")
     for name, part in manifest["parts"].items():
@@ -104,4 +106,6 @@ def validate_manifest(manifest: dict, where: str | Path) -> None:
             raise ManifestError(f"{where}: part {name!r} needs 'kind' and 'path', got {part!r}")
     steps = manifest["analysis_steps"]
     if not isinstance(steps, list) or not all(isinstance(s, str) and "." in s for s in steps):
-        raise ManifestError(f"{where}: analysis_steps must be a list of dotted paths, got {steps!r}")
+        raise ManifestError(
+            f"{where}: analysis_steps must be a list of dotted paths, got {steps!r}"
+        )

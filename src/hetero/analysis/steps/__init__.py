@@ -42,6 +42,8 @@ def resolve_step(name: str) -> Callable:
 
     path = SHARED_STEPS.get(str(name), str(name))
     if "." not in path:
-        raise ValueError(f"unknown analysis step {name!r}; shared steps: {', '.join(SHARED_STEPS)} "
-                         "(or a dotted path of a function step(ctx))")
+        raise ValueError(
+            f"unknown analysis step {name!r}; shared steps: {', '.join(SHARED_STEPS)} "
+            "(or a dotted path of a function step(ctx))"
+        )
     return hydra.utils.get_method(path)

@@ -44,20 +44,49 @@ def clustering(ctx) -> None:
     ctx.files += [
         write_npy(folder / "labels.npy", km.labels),
         write_npy(folder / "center_indices.npy", km.center_indices),
-        write_text(folder / "counts.csv", "cluster,particles,center_index\n" + "".join(
-            f"{i},{c},{j}\n" for i, (c, j) in enumerate(zip(km.counts, km.center_indices)))),
+        write_text(
+            folder / "counts.csv",
+            "cluster,particles,center_index\n"
+            + "".join(
+                f"{i},{c},{j}\n" for i, (c, j) in enumerate(zip(km.counts, km.center_indices))
+            ),
+        ),
     ]
-    ctx.metrics["clusters"] = {"k": k, "counts": km.counts.tolist(), "center_indices": km.center_indices.tolist()}
-    blocks.append(R.image(P.cluster_sizes(ctx.fig_dir / "cluster_sizes.png", km.counts), "Particles per cluster"))
+    ctx.metrics["clusters"] = {
+        "k": k,
+        "counts": km.counts.tolist(),
+        "center_indices": km.center_indices.tolist(),
+    }
+    blocks.append(
+        R.image(
+            P.cluster_sizes(ctx.fig_dir / "cluster_sizes.png", km.counts), "Particles per cluster"
+        )
+    )
     emb = ctx.state.get("embedding_2d")
     if emb is not None:
         xy, axes, name = emb
-        blocks.append(R.image(P.scatter_by_cluster(ctx.fig_dir / f"{name}_clusters.png", xy, km.labels,
-                                                   xy[km.center_indices], f"{axes[0][:-1]} by cluster", axes),
-                              f"{axes[0]}/{axes[1]} coloured by cluster (x: snapped centres)"))
-    blocks.append(R.table([(i, int(c), f"{100 * c / n:.1f}%", int(j))
-                           for i, (c, j) in enumerate(zip(km.counts, km.center_indices))],
-                          ["cluster", "particles", "fraction", "centre particle"]))
+        blocks.append(
+            R.image(
+                P.scatter_by_cluster(
+                    ctx.fig_dir / f"{name}_clusters.png",
+                    xy,
+                    km.labels,
+                    xy[km.center_indices],
+                    f"{axes[0][:-1]} by cluster",
+                    axes,
+                ),
+                f"{axes[0]}/{axes[1]} coloured by cluster (x: snapped centres)",
+            )
+        )
+    blocks.append(
+        R.table(
+            [
+                (i, int(c), f"{100 * c / n:.1f}%", int(j))
+                for i, (c, j) in enumerate(zip(km.counts, km.center_indices))
+            ],
+            ["cluster", "particles", "fraction", "centre particle"],
+        )
+    )
 
 
 def _method_labels(ctx, blocks: list[str]) -> None:
@@ -66,10 +95,15 @@ def _method_labels(ctx, blocks: list[str]) -> None:
     ctx.state["method_labels"] = labels
     kept = labels[labels >= 0]
     counts = np.bincount(kept, minlength=int(labels.max(initial=-1)) + 1)
-    ctx.metrics["method_labels"] = {"name": name, "counts": counts.tolist(),
-                                    "discarded": int((labels < 0).sum())}
+    ctx.metrics["method_labels"] = {
+        "name": name,
+        "counts": counts.tolist(),
+        "discarded": int((labels < 0).sum()),
+    }
     rows = [(i, int(c), f"{100 * c / len(labels):.1f}%") for i, c in enumerate(counts)]
     if (labels < 0).any():
-        rows.append(("discarded (-1)", int((labels < 0).sum()), f"{100 * (labels < 0).mean():.1f}%"))
+        rows.append(
+            ("discarded (-1)", int((labels < 0).sum()), f"{100 * (labels < 0).mean():.1f}%")
+        )
     blocks.append(R.paragraph(f"The {ctx.result.method} model's own assignment ({name}):"))
     blocks.append(R.table(rows, [name, "particles", "fraction"]))

@@ -30,7 +30,11 @@ def decoded_maps(ctx) -> None:
     if result.state_maps is not None:
         _method_state_maps(ctx, blocks)
     if result.decode is None:
-        blocks.append(R.paragraph(f"The {result.method} model does not decode maps from its embedding.", "note"))
+        blocks.append(
+            R.paragraph(
+                f"The {result.method} model does not decode maps from its embedding.", "note"
+            )
+        )
         return
     if result.embedding_dim == 0:
         vols = ctx.decode_to_original(np.zeros((1, 0), np.float32), "Decoding the consensus map")
@@ -40,17 +44,30 @@ def decoded_maps(ctx) -> None:
     else:
         km = ctx.state.get("clusters")
         if km is None:
-            raise RuntimeError("decoded_maps needs the clustering step before it (steps=[..., clustering, decoded_maps])")
-        vols = ctx.decode_to_original(result.embedding[km.center_indices], f"Decoding {km.n_clusters} cluster maps")
+            raise RuntimeError(
+                "decoded_maps needs the clustering step before it (steps=[..., clustering, decoded_maps])"
+            )
+        vols = ctx.decode_to_original(
+            result.embedding[km.center_indices], f"Decoding {km.n_clusters} cluster maps"
+        )
         ctx.write_series("maps/decoded/clusters", vols, "cluster")
         ctx.state["decoded_clusters"] = vols
         names = [f"cluster {i}" for i in range(len(vols))]
-    blocks.insert(0, R.paragraph(
-        f"Maps decoded by the model, resampled to {ctx.box} px at {ctx.apix:.4g} Å/px (origin 0); they hold "
-        f"nothing beyond the training box's Nyquist ({2 * ctx.run.info['apix']:.3g} Å). Open a series in "
-        "ChimeraX with the .cxc script in its folder, e.g. `cd maps/decoded/clusters; open clusters.cxc`."))
-    blocks.append(R.image(P.map_gallery(ctx.fig_dir / "decoded_maps.png", vols.numpy(), names),
-                          "Central slices and projections of each decoded map"))
+    blocks.insert(
+        0,
+        R.paragraph(
+            f"Maps decoded by the model, resampled to {ctx.box} px at {ctx.apix:.4g} Å/px "
+            "(origin 0); they hold nothing beyond the training box's Nyquist "
+            f"({2 * ctx.run.info['apix']:.3g} Å). Open a series in ChimeraX with the .cxc script "
+            "in its folder, e.g. `cd maps/decoded/clusters; open clusters.cxc`."
+        ),
+    )
+    blocks.append(
+        R.image(
+            P.map_gallery(ctx.fig_dir / "decoded_maps.png", vols.numpy(), names),
+            "Central slices and projections of each decoded map",
+        )
+    )
 
 
 def traversals(ctx) -> None:
@@ -61,14 +78,27 @@ def traversals(ctx) -> None:
         return
     blocks = ctx.section(SECTION)
     for pc in range(min(int(cfg.n_pc_traversals), pcs.n_components)):
-        pts = L.pc_traversal(pcs, pc, int(cfg.pc_traversal.steps), float(cfg.pc_traversal.low_percentile),
-                             float(cfg.pc_traversal.high_percentile))
+        pts = L.pc_traversal(
+            pcs,
+            pc,
+            int(cfg.pc_traversal.steps),
+            float(cfg.pc_traversal.low_percentile),
+            float(cfg.pc_traversal.high_percentile),
+        )
         vols = ctx.decode_to_original(pts, f"Decoding PC{pc + 1} traversal")
         ctx.write_series(f"maps/decoded/pc{pc + 1}", vols, f"pc{pc + 1}", play=True)
-        png = P.map_gallery(ctx.fig_dir / f"pc{pc + 1}_maps.png", vols.numpy(),
-                            [f"PC{pc + 1} #{i}" for i in range(len(vols))])
-        blocks.append(R.image(png, f"PC{pc + 1} traversal ({cfg.pc_traversal.low_percentile}th to "
-                                   f"{cfg.pc_traversal.high_percentile}th percentile)"))
+        png = P.map_gallery(
+            ctx.fig_dir / f"pc{pc + 1}_maps.png",
+            vols.numpy(),
+            [f"PC{pc + 1} #{i}" for i in range(len(vols))],
+        )
+        blocks.append(
+            R.image(
+                png,
+                f"PC{pc + 1} traversal ({cfg.pc_traversal.low_percentile}th to "
+                f"{cfg.pc_traversal.high_percentile}th percentile)",
+            )
+        )
 
 
 def _method_state_maps(ctx, blocks: list[str]) -> None:
@@ -77,6 +107,13 @@ def _method_state_maps(ctx, blocks: list[str]) -> None:
     vols = resample_to_box(result.state_maps, float(result.voxel_size), ctx.box, ctx.apix)
     ctx.write_series("maps/method", vols, slug)
     ctx.state["method_state_maps"] = vols
-    blocks.append(R.image(P.map_gallery(ctx.fig_dir / "method_state_maps.png", vols.numpy(),
-                                        [f"{result.label_name or 'state'} {i}" for i in range(len(vols))]),
-                          f"The {result.method} model's own maps of its states"))
+    blocks.append(
+        R.image(
+            P.map_gallery(
+                ctx.fig_dir / "method_state_maps.png",
+                vols.numpy(),
+                [f"{result.label_name or 'state'} {i}" for i in range(len(vols))],
+            ),
+            f"The {result.method} model's own maps of its states",
+        )
+    )

@@ -62,34 +62,52 @@ def reconstruction(ctx) -> None:
     groups = labelings(ctx)
     blocks = ctx.section(SECTION)
     if not groups:
-        blocks.append(R.paragraph("No groups to reconstruct (reconstruction.clusters / consensus are off).", "note"))
+        blocks.append(
+            R.paragraph(
+                "No groups to reconstruct (reconstruction.clusters / consensus are off).", "note"
+            )
+        )
         return
     dm = ctx.datamodule("reconstruction from the particles")
     table = dm.table
     if len(table) != ctx.result.n_particles:
-        raise ValueError(f"the data have {len(table)} particles but the run's embedding {ctx.result.n_particles}: "
-                         "analyse with the particles the run was trained on (or recompute_latents=true)")
+        raise ValueError(
+            f"the data have {len(table)} particles but the run's embedding {ctx.result.n_particles}: "
+            "analyse with the particles the run was trained on (or recompute_latents=true)"
+        )
     apix_values = np.unique(table.pixel_size_angstrom)
     if len(apix_values) > 1:
-        raise ValueError(f"reconstruction needs one pixel size, the particles have {apix_values.tolist()} Å: "
-                         "rescale them to a common pixel size or pass reconstruction.enabled=false")
+        raise ValueError(
+            f"reconstruction needs one pixel size, the particles have {apix_values.tolist()} Å: "
+            "rescale them to a common pixel size or pass reconstruction.enabled=false"
+        )
     maps = reconstruct_groups(
         lambda batches: dm.predict_dataloader(original_size=True, batches=batches),
-        {kind: labels for kind, (labels, _) in groups.items()}, table.half_set, int(table.box_size),
-        batch_size=int(rc.batch_size), pad_factor=int(rc.pad_factor), dtype=DTYPES[str(rc.precision)],
-        device=str(rc.device), wiener_snr=float(rc.wiener_snr),
+        {kind: labels for kind, (labels, _) in groups.items()},
+        table.half_set,
+        int(table.box_size),
+        batch_size=int(rc.batch_size),
+        pad_factor=int(rc.pad_factor),
+        dtype=DTYPES[str(rc.precision)],
+        device=str(rc.device),
+        wiener_snr=float(rc.wiener_snr),
         max_memory_bytes=int(float(rc.max_memory_gb) * 2**30) if rc.max_memory_gb else None,
         progress=ctx.progress,
     )
     ctx.state["reconstructed"] = {}
     ctx.metrics["reconstructed"] = {}
-    blocks.append(R.paragraph(
-        f"Maps backprojected from each group's particle images at the original {ctx.box} px and {ctx.apix:.4g} Å/px "
-        f"with their consensus poses and CTF (Wiener constant {float(rc.wiener_snr):g}), one half map per half set "
-        f"({getattr(dm, 'half_sets_source', '?')} half sets). Resolution: FSC between the half maps at 0.143 and 0.5, "
-        "without a mask and with a soft mask made from the map (low-passed, thresholded, extended, cosine edge; no "
-        "phase-randomisation correction). Folders: maps/reconstructed/<kind>/ with the full map, both half maps and "
-        "the FSC curve of each group."))
+    blocks.append(
+        R.paragraph(
+            f"Maps backprojected from each group's particle images at the original {ctx.box} px "
+            f"and {ctx.apix:.4g} Å/px with their consensus poses and CTF (Wiener constant "
+            f"{float(rc.wiener_snr):g}), one half map per half set "
+            f"({getattr(dm, 'half_sets_source', '?')} half sets). Resolution: FSC between the "
+            "half maps at 0.143 and 0.5, without a mask and with a soft mask made from the map "
+            "(low-passed, thresholded, extended, cosine edge; no phase-randomisation correction). "
+            "Folders: maps/reconstructed/<kind>/ with the full map, both half maps and the FSC "
+            "curve of each group."
+        )
+    )
     for kind, (_, prefix) in groups.items():
         rows = _write_kind(ctx, kind, prefix, maps[kind], blocks)
         ctx.state["reconstructed"][kind] = maps[kind]
@@ -100,7 +118,9 @@ def reconstruction(ctx) -> None:
         score_reconstructions(ctx)
 
 
-def _write_kind(ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: list[str]) -> list[dict]:
+def _write_kind(
+    ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: list[str]
+) -> list[dict]:
     mc = ctx.cfg.reconstruction.mask
     folder = ctx.out / "maps" / "reconstructed" / kind
     width = max(3, len(str(len(groups) - 1)))
@@ -112,37 +132,108 @@ def _write_kind(ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: li
             write_volume(path, vol.numpy(), ctx.apix, origin_angstrom=(0.0, 0.0, 0.0))
         ctx.files += names
         fulls.append((stem, names[0], gm.full))
-        row = {"group": gm.group, "particles": gm.n_particles, "half1": gm.n_half[0], "half2": gm.n_half[1]}
+        row = {
+            "group": gm.group,
+            "particles": gm.n_particles,
+            "half1": gm.n_half[0],
+            "half2": gm.n_half[1],
+        }
         if min(gm.n_half) > 0:
-            mask = map_mask(gm.full, ctx.apix, float(mc.lowpass_angstrom), float(mc.threshold),
-                            int(mc.extend_px), int(mc.soft_edge_px))
+            mask = map_mask(
+                gm.full,
+                ctx.apix,
+                float(mc.lowpass_angstrom),
+                float(mc.threshold),
+                int(mc.extend_px),
+                int(mc.soft_edge_px),
+            )
             res = half_map_resolution(gm.half1, gm.half2, ctx.apix, mask)
-            csv = write_text(folder / f"{stem}_fsc.csv", fsc_table(
-                {"fsc_unmasked": res["fsc_unmasked"], "fsc_masked": res["fsc_masked"]}, ctx.box, ctx.apix))
+            csv = write_text(
+                folder / f"{stem}_fsc.csv",
+                fsc_table(
+                    {"fsc_unmasked": res["fsc_unmasked"], "fsc_masked": res["fsc_masked"]},
+                    ctx.box,
+                    ctx.apix,
+                ),
+            )
             ctx.files.append(csv)
             curves[stem] = res
             row.update({k: v for k, v in res.items() if not k.startswith("fsc_")})
             row["mask_fraction"] = None if mask is None else float(mask.mean())
         rows.append(row)
-    keys = ["group", "particles", "half1", "half2", "res_0.143_unmasked", "res_0.143_masked",
-            "res_0.5_unmasked", "res_0.5_masked"]
-    ctx.files.append(write_text(folder / "resolution.csv", ",".join(keys) + "\n" + "".join(
-        ",".join("" if r.get(k) is None else f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r[k])
-                 for k in keys) + "\n" for r in rows)))
-    level = contour_level(torch.stack([f[2] for f in fulls]), float(ctx.cfg.maps.get("contour_fraction", 0.05)))
+    keys = [
+        "group",
+        "particles",
+        "half1",
+        "half2",
+        "res_0.143_unmasked",
+        "res_0.143_masked",
+        "res_0.5_unmasked",
+        "res_0.5_masked",
+    ]
+    ctx.files.append(
+        write_text(
+            folder / "resolution.csv",
+            ",".join(keys)
+            + "\n"
+            + "".join(
+                ",".join(
+                    ""
+                    if r.get(k) is None
+                    else f"{r[k]:.4g}"
+                    if isinstance(r.get(k), float)
+                    else str(r[k])
+                    for k in keys
+                )
+                + "\n"
+                for r in rows
+            ),
+        )
+    )
+    level = contour_level(
+        torch.stack([f[2] for f in fulls]), float(ctx.cfg.maps.get("contour_fraction", 0.05))
+    )
     ctx.files.append(write_chimerax_script(folder / f"{kind}.cxc", [f[1] for f in fulls], level))
     title = kind.replace("_", " ")
     blocks.append(f"<h3>{title}</h3>")
-    blocks.append(R.table([(r["group"], r["particles"], f"{r['half1']} / {r['half2']}", _res(r, "0.143_unmasked"),
-                            _res(r, "0.143_masked"), _res(r, "0.5_unmasked"), _res(r, "0.5_masked")) for r in rows],
-                          [prefix, "particles", "half 1 / half 2", "FSC=0.143 (Å)", "FSC=0.143 masked (Å)",
-                           "FSC=0.5 (Å)", "FSC=0.5 masked (Å)"]))
+    blocks.append(
+        R.table(
+            [
+                (
+                    r["group"],
+                    r["particles"],
+                    f"{r['half1']} / {r['half2']}",
+                    _res(r, "0.143_unmasked"),
+                    _res(r, "0.143_masked"),
+                    _res(r, "0.5_unmasked"),
+                    _res(r, "0.5_masked"),
+                )
+                for r in rows
+            ],
+            [
+                prefix,
+                "particles",
+                "half 1 / half 2",
+                "FSC=0.143 (Å)",
+                "FSC=0.143 masked (Å)",
+                "FSC=0.5 (Å)",
+                "FSC=0.5 masked (Å)",
+            ],
+        )
+    )
     if curves:
         png = P.fsc_grid(ctx.fig_dir / f"fsc_{kind}.png", curves, ctx.box, ctx.apix)
-        blocks.append(R.image(png, f"Half-map FSC of each {title} group (solid: masked, dashed: unmasked)"))
-    gallery = P.map_gallery(ctx.fig_dir / f"reconstructed_{kind}.png", torch.stack([f[2] for f in fulls]).numpy(),
-                            [f[0].replace("_", " ") for f in fulls])
-    blocks.append(R.image(gallery, f"Central slices and projections of each reconstructed {title} map"))
+        blocks.append(
+            R.image(png, f"Half-map FSC of each {title} group (solid: masked, dashed: unmasked)")
+        )
+    gallery = P.map_gallery(
+        ctx.fig_dir / f"reconstructed_{kind}.png",
+        torch.stack([f[2] for f in fulls]).numpy(),
+        [f[0].replace("_", " ") for f in fulls],
+    )
+    blocks.append(
+        R.image(gallery, f"Central slices and projections of each reconstructed {title} map")
+    )
     return rows
 
 

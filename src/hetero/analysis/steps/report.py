@@ -14,13 +14,18 @@ from hetero.analysis import report as R
 from hetero.utils.files import write_json
 
 GT_SUMMARY = (
-    ("ari", "ARI"), ("ami", "AMI"), ("oracle_ari", "oracle ARI (ceiling)"),
+    ("ari", "ARI"),
+    ("ami", "AMI"),
+    ("oracle_ari", "oracle ARI (ceiling)"),
     ("ari_fraction_of_oracle", "ARI / oracle ARI"),
     ("per_state_auc_mean", "per-state FSC AUC, decoded (mean)"),
     ("per_state_res_0.5_mean", "per-state FSC=0.5, decoded (Å, mean)"),
     ("reconstructed_per_state_auc_mean", "per-state FSC AUC, reconstructed clusters (mean)"),
     ("reconstructed_per_state_res_0.5_mean", "per-state FSC=0.5, reconstructed clusters (Å, mean)"),
-    ("true_state_reconstruction_per_state_auc_mean", "per-state FSC AUC, true-state reconstructions (mean)"),
+    (
+        "true_state_reconstruction_per_state_auc_mean",
+        "per-state FSC AUC, true-state reconstructions (mean)",
+    ),
     ("per_image_fsc_auc_mean", "per-image FSC AUC (mean)"),
 )
 
@@ -35,9 +40,16 @@ def report(ctx) -> None:
     metrics_path = write_json(ctx.out / "metrics.json", finite(ctx.metrics))
     ctx.files.append(metrics_path)
     ctx.files += sorted(ctx.fig_dir.glob("*.png"))
-    ctx.sections["Files"] = [R.paragraph(f"All paths relative to {ctx.out}."), R.file_list(ctx.out, compact(ctx.files, ctx.out))]
-    path = R.write_report(ctx.out / "report.html", "hetero analysis", ctx.sections,
-                          subtitle=f"{ctx.run.path} · {ctx.run.checkpoint.name}")
+    ctx.sections["Files"] = [
+        R.paragraph(f"All paths relative to {ctx.out}."),
+        R.file_list(ctx.out, compact(ctx.files, ctx.out)),
+    ]
+    path = R.write_report(
+        ctx.out / "report.html",
+        "hetero analysis",
+        ctx.sections,
+        subtitle=f"{ctx.run.path} · {ctx.run.checkpoint.name}",
+    )
     ctx.state["report"] = path
     print_summary(ctx.metrics, path)
 
@@ -45,8 +57,11 @@ def report(ctx) -> None:
 def _training(ctx) -> None:
     blocks = ctx.section("Training")
     png = P.loss_curves(ctx.fig_dir / "loss.png", ctx.run.metrics_csv)
-    blocks.append(R.image(png, "Loss terms (Lightning CSV log)") if png
-                  else R.paragraph(f"No CSV training log at {ctx.run.metrics_csv}.", "note"))
+    blocks.append(
+        R.image(png, "Loss terms (Lightning CSV log)")
+        if png
+        else R.paragraph(f"No CSV training log at {ctx.run.metrics_csv}.", "note")
+    )
     train_metrics = ctx.run.path / "train_metrics.json"
     if train_metrics.is_file():
         tm = json.loads(train_metrics.read_text())
@@ -61,7 +76,10 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
         ("method", result.method),
         ("particles", result.n_particles),
         (f"embedding ({result.embedding_name}) dimension", result.embedding_dim),
-        ("original box / pixel size", f"{info['original_box']} px, {float(info['original_apix']):.4g} Å/px"),
+        (
+            "original box / pixel size",
+            f"{info['original_box']} px, {float(info['original_apix']):.4g} Å/px",
+        ),
         ("training box / pixel size", f"{info['box_size']} px, {float(info['apix']):.4g} Å/px"),
     ]
     if result.voxel_size:
@@ -71,10 +89,18 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
         counts = m["clusters"]["counts"]
         rows.append(("clusters", f"{len(counts)} (sizes {min(counts)} to {max(counts)})"))
     for kind, groups in (m.get("reconstructed") or {}).items():
-        res = [g["res_0.143_masked"] or g["res_0.143_unmasked"] for g in groups if g.get("res_0.143_unmasked")]
+        res = [
+            g["res_0.143_masked"] or g["res_0.143_unmasked"]
+            for g in groups
+            if g.get("res_0.143_unmasked")
+        ]
         if res:
-            rows.append((f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, masked)",
-                         f"{min(res):.3g} to {max(res):.3g}" if len(res) > 1 else f"{res[0]:.3g}"))
+            rows.append(
+                (
+                    f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, masked)",
+                    f"{min(res):.3g} to {max(res):.3g}" if len(res) > 1 else f"{res[0]:.3g}",
+                )
+            )
     gt = m.get("ground_truth") or {}
     rows += [(label, float(gt[key])) for key, label in GT_SUMMARY if key in gt]
     if "closer_to_truth" in gt:

@@ -22,13 +22,17 @@ def subsets(ctx) -> None:
     if "clusters" in ctx.state:
         selections.update(cluster_subsets(ctx.state["clusters"].labels, cfg.get("clusters")))
     if ctx.state.get("method_labels") is not None:
-        selections.update(cluster_subsets(ctx.state["method_labels"], None, label_slug(ctx.result.label_name)))
+        selections.update(
+            cluster_subsets(ctx.state["method_labels"], None, label_slug(ctx.result.label_name))
+        )
     if not selections:
         return
     table = ctx.datamodule("particle subsets").table
     if len(table) != ctx.result.n_particles:
-        raise ValueError(f"the data have {len(table)} particles but the run's embedding {ctx.result.n_particles}: "
-                         "subsets would name the wrong particles (recompute_latents=true encodes these data)")
+        raise ValueError(
+            f"the data have {len(table)} particles but the run's embedding {ctx.result.n_particles}: "
+            "subsets would name the wrong particles (recompute_latents=true encodes these data)"
+        )
     task = ctx.progress.add_task("Writing particle subsets", total=len(selections))
     for name, idx in selections.items():
         ctx.files += list(write_subset(ctx.out / "subsets", name, table, idx).values())

@@ -43,7 +43,11 @@ def score_reconstructions(ctx) -> None:
         elif kind == "consensus":
             chosen = {s: 0 for s in states}
         else:
-            labels = ctx.state["clusters"].labels if kind == "clusters" else np.asarray(ctx.state["method_labels"])
+            labels = (
+                ctx.state["clusters"].labels
+                if kind == "clusters"
+                else np.asarray(ctx.state["method_labels"])
+            )
             chosen = majority_groups(np.asarray(labels), labels_true)
         rows = []
         for s in states:
@@ -56,13 +60,19 @@ def score_reconstructions(ctx) -> None:
                 curves[f"{kind.replace('_', ' ')}: state {s}"] = curve
             rows.append({"state": s, "group": g, "particles": groups[g].n_particles, **row})
         if rows:
-            scored[kind] = {"per_state": rows, "auc_mean": float(np.mean([r["auc"] for r in rows])),
-                            "res_0.5_mean": float(np.mean([r["res_0.5"] for r in rows])),
-                            "res_0.143_mean": float(np.mean([r["res_0.143"] for r in rows]))}
+            scored[kind] = {
+                "per_state": rows,
+                "auc_mean": float(np.mean([r["auc"] for r in rows])),
+                "res_0.5_mean": float(np.mean([r["res_0.5"] for r in rows])),
+                "res_0.143_mean": float(np.mean([r["res_0.143"] for r in rows])),
+            }
     gt = ctx.metrics.setdefault("ground_truth", {})
     gt["reconstructed"] = scored
-    for kind, key in (("clusters", "reconstructed"), ("truth_states", "true_state_reconstruction"),
-                      ("consensus", "consensus_reconstruction")):
+    for kind, key in (
+        ("clusters", "reconstructed"),
+        ("truth_states", "true_state_reconstruction"),
+        ("consensus", "consensus_reconstruction"),
+    ):
         if kind in scored:
             gt[f"{key}_per_state_auc_mean"] = scored[kind]["auc_mean"]
             gt[f"{key}_per_state_res_0.5_mean"] = scored[kind]["res_0.5_mean"]
@@ -73,24 +83,55 @@ def _report(ctx, scored: dict, gt: dict, curves: dict) -> None:
     blocks = ctx.section(SECTION)
     rows = []
     if "per_state_auc_mean" in gt:
-        rows.append(("decoded at each state's mean embedding (step ground_truth)", gt["per_state_auc_mean"],
-                     gt["per_state_res_0.5_mean"], gt["per_state_res_0.143_mean"]))
-    names = {"clusters": "reconstructed: cluster holding most of the state",
-             "truth_states": "reconstructed: the state's own particles (ceiling)",
-             "consensus": "reconstructed: all particles (consensus)"}
+        rows.append(
+            (
+                "decoded at each state's mean embedding (step ground_truth)",
+                gt["per_state_auc_mean"],
+                gt["per_state_res_0.5_mean"],
+                gt["per_state_res_0.143_mean"],
+            )
+        )
+    names = {
+        "clusters": "reconstructed: cluster holding most of the state",
+        "truth_states": "reconstructed: the state's own particles (ceiling)",
+        "consensus": "reconstructed: all particles (consensus)",
+    }
     for kind, s in scored.items():
-        rows.append((names.get(kind, f"reconstructed: {kind.replace('_', ' ')} (majority)"), s["auc_mean"],
-                     s["res_0.5_mean"], s["res_0.143_mean"]))
-    blocks.append(R.table(rows, ["map of each true state", "FSC AUC vs truth (mean)", "FSC=0.5 (Å, mean)",
-                                 "FSC=0.143 (Å, mean)"]))
+        rows.append(
+            (
+                names.get(kind, f"reconstructed: {kind.replace('_', ' ')} (majority)"),
+                s["auc_mean"],
+                s["res_0.5_mean"],
+                s["res_0.143_mean"],
+            )
+        )
+    blocks.append(
+        R.table(
+            rows,
+            [
+                "map of each true state",
+                "FSC AUC vs truth (mean)",
+                "FSC=0.5 (Å, mean)",
+                "FSC=0.143 (Å, mean)",
+            ],
+        )
+    )
     if "clusters" in scored and "per_state_auc_mean" in gt:
         rec, dec = scored["clusters"]["auc_mean"], gt["per_state_auc_mean"]
         closer = "reconstructed cluster maps" if rec > dec else "decoded maps"
         gt["closer_to_truth"] = "reconstructed" if rec > dec else "decoded"
-        blocks.append(R.paragraph(
-            f"Closer to the true states: the {closer} (mean FSC AUC {max(rec, dec):.3f} vs {min(rec, dec):.3f}; "
-            f"ceiling {(ctx.box // 2 - 1) / ctx.box:.3f})."))
+        blocks.append(
+            R.paragraph(
+                f"Closer to the true states: the {closer} (mean FSC AUC {max(rec, dec):.3f} vs "
+                f"{min(rec, dec):.3f}; ceiling {(ctx.box // 2 - 1) / ctx.box:.3f})."
+            )
+        )
     if curves:
-        png = P.fsc_curves(ctx.fig_dir / "fsc_states_reconstructed.png", curves, ctx.box, ctx.apix,
-                           "FSC: reconstructed maps vs true volumes")
+        png = P.fsc_curves(
+            ctx.fig_dir / "fsc_states_reconstructed.png",
+            curves,
+            ctx.box,
+            ctx.apix,
+            "FSC: reconstructed maps vs true volumes",
+        )
         blocks.append(R.image(png, "Reconstructed maps against the true states"))
