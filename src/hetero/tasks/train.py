@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         latents = encode_particles(model, datamodule.predict_dataloader(), _inference_device(cfg))
         latents_folder = write_run_latents(output_dir, best, latents, datamodule.particles_path)
         log.info(f"Latents of {datamodule.info()['n_particles']} particles -> {output_dir / latents_folder}")
+    elif cfg.get("predict") and trainer.is_global_zero and not trainer.fast_dev_run:
+        log.warning("predict=true but no checkpoint was saved: no latents written (analysis computes them)")
     if trainer.is_global_zero and best:
         write_manifest(output_dir, run_manifest(model.manifest(), _relative(best, output_dir), latents_folder))
     if trainer.is_global_zero:
