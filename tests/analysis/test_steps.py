@@ -180,3 +180,11 @@ def test_report_step(tmp_path):
     assert "No CSV training log" in html
     with pytest.raises(ValueError, match="unknown analysis step 'umap'"):
         resolve_step("umap")
+
+
+def test_configured_steps_resolve():
+    from tests.analysis.fakes import analyze_config
+
+    cfg = analyze_config()
+    assert [resolve_step(s).__name__ for s in cfg.steps] == list(cfg.steps)
+    assert cfg.reconstruction.device == cfg.maps.device

@@ -137,7 +137,7 @@ def write_latents(
     return target
 
 
-def _rename_into_place(tmp: Path, target: Path, attempts: int = 10) -> None:
+def _rename_into_place(tmp: Path, target: Path, attempts: int = 100) -> None:
     """Rename the finished folder ``tmp`` to ``target``, moving an existing ``target`` (made for
     the same checkpoint, maybe by a concurrent writer) aside first; the folder at ``target`` is
     always one writer's complete folder."""
@@ -145,16 +145,17 @@ def _rename_into_place(tmp: Path, target: Path, attempts: int = 10) -> None:
         try:
             os.rename(tmp, target)
             return
-        except OSError:
-            if not target.exists():
+        except OSError as err:  # target exists (or reappeared): move it aside and try again
+            if not tmp.is_dir():
                 raise
+            last = err
         trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         try:
             os.rename(target, trash / "x")
         except FileNotFoundError:  # another writer moved it first
             pass
         shutil.rmtree(trash, ignore_errors=True)
-    raise OSError(f"could not rename {tmp} to {target}: other processes keep writing it")
+    raise OSError(f"could not rename {tmp} to {target}: other processes keep writing it") from last
 
 
 def _umask() -> int:
