@@ -228,7 +228,8 @@ def fsc_grid(
     columns: int = 4,
 ) -> Path:
     """One small panel per group: half-map FSC masked (solid) and unmasked (dashed) against
-    spatial frequency, the 0.143 and 0.5 thresholds, and the 0.143 resolutions in the title.
+    spatial frequency, the 0.143 and 0.5 thresholds, and the 0.143 resolutions in the title
+    (``"<name>: <unmasked> Å (<masked> masked)"``).
 
     :param results: ``{name: {"fsc_unmasked": curve, "fsc_masked": curve | None,
         "res_0.143_unmasked": Å, "res_0.143_masked": Å | None}}``.
@@ -247,7 +248,7 @@ def fsc_grid(
         title = f"{name}: {r['res_0.143_unmasked']:.3g} Å"
         if r.get("fsc_masked") is not None:
             ax.plot(freq, r["fsc_masked"], "-", color="#c44e52", linewidth=1, label="masked")
-            title += f" / {r['res_0.143_masked']:.3g} Å"
+            title += f" ({r['res_0.143_masked']:.3g} masked)"
         for thr in (0.5, 0.143):
             ax.axhline(thr, color="grey", linestyle=":", linewidth=0.7)
         ax.set_ylim(-0.1, 1.05)
