@@ -13,7 +13,7 @@ The maps of the true states are also compared (second table, from the same analy
 *decoded* at each state's mean latent (limited to the training box's Nyquist) against the map
 *reconstructed* from the particles of the k-means cluster holding most of the state (original
 box, half maps), the reconstruction from all particles (consensus) and from exactly the state's
-particles (the ceiling of perfect classification), each by FSC against the true map.
+particles (perfect classification), each by FSC against the true map.
 
 Reported per method: k-means ARI/AMI (k = true states; on the continuous set the states are the
 ground truth's bins of t), ARI as a fraction of the oracle's, per-state FSC AUC and FSC=0.5 of
@@ -125,7 +125,7 @@ def maps_markdown(results: list[dict]) -> str:
              "|---|---|---:|---:|---:|"]
     names = {"clusters": "reconstructed from its majority cluster's particles",
              "consensus": "reconstructed from all particles (consensus)",
-             "truth_states": "reconstructed from its own particles (ceiling)"}
+             "truth_states": "reconstructed from its own particles (perfect classification)"}
     for r in results:
         if r.get("per_state_auc_mean") is None:
             continue

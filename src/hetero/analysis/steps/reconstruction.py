@@ -1,8 +1,8 @@
 """Step ``reconstruction``: maps of clusters and states reconstructed from their particles.
 
 For every k-means cluster, every label of the method's own assignment, the consensus (all
-particles) and, when the truth is known, every true state (the ceiling of what the particles
-support), the particles' images at the ORIGINAL box and pixel size are backprojected with
+particles) and, when the truth is known, every true state (what the particles give with perfect
+classification), the particles' images at the ORIGINAL box and pixel size are backprojected with
 their consensus poses and CTF, one half map per half set of the data module
 (``split.npz`` / ``rlnRandomSubset``), in one pass over the data for all groups
 (:func:`hetero.analysis.reconstruction.reconstruct_groups`). Written to

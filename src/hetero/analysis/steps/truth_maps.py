@@ -2,7 +2,7 @@
 
 For each true state ``s``: the map of the cluster (and of the method's label) holding most of
 ``s``'s particles, the consensus map (all particles) and the reconstruction from exactly the
-particles of ``s`` (the ceiling: what these particles support with perfect classification),
+particles of ``s`` (what these particles give with perfect classification),
 each scored by FSC against the true map of ``s`` (CryoBench AUC, FSC=0.5 and 0.143 in Å). The
 report says whether these maps or the decoded ones (step ``ground_truth``) are closer.
 """
@@ -93,7 +93,7 @@ def _report(ctx, scored: dict, gt: dict, curves: dict) -> None:
         )
     names = {
         "clusters": "reconstructed: cluster holding most of the state",
-        "truth_states": "reconstructed: the state's own particles (ceiling)",
+        "truth_states": "reconstructed: the state's own particles (perfect classification)",
         "consensus": "reconstructed: all particles (consensus)",
     }
     for kind, s in scored.items():
