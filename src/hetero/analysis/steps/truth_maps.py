@@ -126,6 +126,14 @@ def _report(ctx, scored: dict, gt: dict, curves: dict) -> None:
                 f"{min(rec, dec):.3f}; ceiling {(ctx.box // 2 - 1) / ctx.box:.3f})."
             )
         )
+    blocks.append(
+        R.paragraph(
+            "FSC against a true map weighs the whole map: where the states differ in a small part "
+            "of the molecule, a map from more particles (the consensus) can score as high as one "
+            "from the right particles only; compare the maps themselves (galleries above).",
+            "note",
+        )
+    )
     if curves:
         png = P.fsc_curves(
             ctx.fig_dir / "fsc_states_reconstructed.png",
