@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from hetero.data.io import read_particles
 from hetero.tasks.analyze import analyze
 from tests.analysis.fakes import APIX, BOX, make_run_dir
 
@@ -79,7 +80,18 @@ def test_analyze_fake_run(tmp_path):
     scored = gt["reconstructed"]["clusters"]["per_state"]
     assert len({r["group"] for r in scored}) == 3 and all(r["res_0.5"] < 8.0 for r in scored)
     assert gt["closer_to_truth"] == "decoded"
-    assert (out / "subsets" / "cluster_000.star").is_file()
+    # Particle subsets, one per cluster, open where they are written and hold that cluster.
+    labels = np.load(out / "clusters" / "labels.npy")
+    seen = []
+    for k in range(4):
+        star = out / "subsets" / f"cluster_00{k}.star"
+        sub = read_particles(star)  # no datadir: names resolve from the subset's folder
+        idx = np.load(out / "subsets" / f"cluster_00{k}.npy")
+        np.testing.assert_array_equal(sub.image_indices, idx)
+        assert (labels[idx] == k).all()
+        seen.append(idx)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(120))
+    assert metrics["subsets"] == {f"cluster_00{k}": len(seen[k]) for k in range(4)}
     report = (out / "report.html").read_text()
     for name in (
         "Summary",
