@@ -150,3 +150,24 @@ def test_analysis_stops_before_pca_on_non_finite_latents(tmp_path):
     ):
         analyze(analyze_config([f"run_dir={run}", "n_clusters=2"]))
     assert not (run / "analysis" / "latent").exists()
+
+
+def test_result_shapes_are_checked(tmp_path):
+    """A loader's result with arrays that do not fit N (or maps without a voxel size) is refused
+    before any step runs, naming the field."""
+    z = np.zeros((6, 2), np.float32)
+    bad = fake_result(z)
+    bad.per_particle = {"max_prob": np.zeros(5)}
+    with pytest.raises(ValueError, match=r"per_particle\['max_prob'\] must have N=6 rows"):
+        validate_result(bad)
+    bad = fake_result(z)
+    bad.volume_embedding, bad.volume_counts = np.zeros((4, 3)), np.ones(3)
+    with pytest.raises(ValueError, match=r"volume_counts must be \(V=4,\)"):
+        validate_result(bad)
+    bad = fake_result(z)
+    bad.voxel_size = None
+    with pytest.raises(ValueError, match="need voxel_size"):
+        validate_result(bad)
+    bad = fake_result(z, labels=np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match=r"labels must be \(N=6,\)"):
+        validate_result(bad)

@@ -12,7 +12,7 @@ import torch
 from hetero.analysis.reconstruction import plan_batches, reconstruct_groups
 from hetero.data.datamodule import ParticleDataModule
 from hetero.data.synthetic import SyntheticDataset, load_truth
-from hetero.physics.ctf import compute_ctf
+from hetero.physics.ctf import compute_ctf, ctf_table_compute
 from hetero.physics.fsc import fsc
 from hetero.physics.reconstruction import BackprojectionAccumulator
 from hetero.physics.rotations import random_rotations
@@ -238,3 +238,32 @@ def test_two_processes_all_reduce_to_the_one_process_maps(tmp_path):
         assert tuple(counts) == g.n_half
         for a, b in ((h1, g.half1), (h2, g.half2), (full, g.full)):
             assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()))
+
+
+def test_preweight_iterations_act_and_empty_halves_are_zero():
+    """``preweight_iterations`` reaches every map's density compensation; a half set without
+    particles gives a zero map (not reconstructed) while the other half and the full map are
+    those of the particles present."""
+    n, d = 24, 12
+    gen = torch.Generator().manual_seed(7)
+    images, rot = torch.randn(n, d, d, generator=gen), random_rotations(n, generator=gen)
+    half = np.arange(n) % 2
+    one_sided = np.where(half == 0, 0, -1)  # group 0 holds half-set-0 particles only
+    load = fake_batches(images, rot, half)
+    maps = {
+        it: reconstruct_groups(load, {"c": one_sided}, half, d, preweight_iterations=it)["c"][0]
+        for it in (2, 10)
+    }
+    batch = next(load([np.flatnonzero(half == 0)]))
+    for it, got in maps.items():
+        acc = BackprojectionAccumulator(d, 2, dtype=torch.float32, preweight_iterations=it)
+        ctf = ctf_table_compute(batch["ctf"], acc.ctf_size, batch["apix"])
+        acc.add(batch["image"], batch["rotation"], -batch["origin_px"], ctf)
+        ref = acc.reconstruct(1.0)
+        assert got.n_half == (n // 2, 0)
+        assert torch.allclose(got.half1, ref, atol=1e-5 * float(ref.abs().max()))
+        assert torch.allclose(got.full, ref, atol=1e-5 * float(ref.abs().max()))
+        assert float(got.half2.abs().max()) == 0.0
+    assert not torch.allclose(
+        maps[2].half1, maps[10].half1, atol=1e-3 * float(maps[10].half1.abs().max())
+    )

@@ -87,6 +87,7 @@ def validate_result(result: AnalysisResult) -> None:
         raise ValueError(
             f"{result.method}: labels must be (N={n},), got {np.asarray(result.labels).shape}"
         )
+    _check_other_shapes(result, n)
     bad = ~np.isfinite(emb).all(axis=1) if emb.shape[1] else np.zeros(n, bool)
     if bad.any():
         rows = np.flatnonzero(bad)
@@ -102,6 +103,31 @@ def validate_result(result: AnalysisResult) -> None:
             "The model diverged or those images are damaged: check the images "
             "(NaN/inf pixels), analyse an earlier checkpoint (checkpoint=<file>), or retrain."
         )
+
+
+def _check_other_shapes(result: AnalysisResult, n: int) -> None:
+    """``per_particle`` rows, ``state_maps`` and the per-volume arrays (:raises ValueError:)."""
+    name = result.method
+    for key, value in result.per_particle.items():
+        if np.asarray(value).shape[:1] != (n,):
+            raise ValueError(
+                f"{name}: per_particle[{key!r}] must have N={n} rows, got {np.shape(value)}"
+            )
+    if result.state_maps is not None and result.state_maps.ndim != 4:
+        raise ValueError(
+            f"{name}: state_maps must be (S, T, T, T), got {tuple(result.state_maps.shape)}"
+        )
+    if (result.decode is not None or result.state_maps is not None) and not result.voxel_size:
+        raise ValueError(f"{name}: decoded or state maps need voxel_size (Å)")
+    if result.volume_embedding is not None:
+        vol = np.asarray(result.volume_embedding)
+        if vol.ndim != 2:
+            raise ValueError(f"{name}: volume_embedding must be (V, F), got {vol.shape}")
+        counts = result.volume_counts
+        if counts is not None and np.asarray(counts).shape != (len(vol),):
+            raise ValueError(
+                f"{name}: volume_counts must be (V={len(vol)},), got {np.shape(counts)}"
+            )
 
 
 def load_result(run, cfg) -> AnalysisResult:

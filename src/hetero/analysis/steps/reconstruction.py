@@ -93,6 +93,7 @@ def reconstruction(ctx) -> None:
         wiener_snr=float(rc.wiener_snr),
         max_memory_bytes=int(float(rc.max_memory_gb) * 2**30) if rc.max_memory_gb else None,
         progress=ctx.progress,
+        preweight_iterations=int(rc.preweight_iterations),
     )
     ctx.state["reconstructed"] = {}
     ctx.metrics["reconstructed"] = {}
@@ -118,82 +119,85 @@ def reconstruction(ctx) -> None:
         score_reconstructions(ctx)
 
 
+RESOLUTION_KEYS = (
+    "group",
+    "particles",
+    "half1",
+    "half2",
+    "res_0.143_unmasked",
+    "res_0.143_masked",
+    "res_0.5_unmasked",
+    "res_0.5_masked",
+)
+
+
 def _write_kind(
     ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: list[str]
 ) -> list[dict]:
-    mc = ctx.cfg.reconstruction.mask
+    """Write the maps, FSC curves, ``resolution.csv`` and ``<kind>.cxc`` of one kind of group
+    and add its table and figures to the report; returns the rows of ``resolution.csv``."""
     folder = ctx.out / "maps" / "reconstructed" / kind
     width = max(3, len(str(len(groups) - 1)))
     rows, curves, fulls = [], {}, []
     for gm in groups:
         stem = prefix if kind == "consensus" else f"{prefix}_{gm.group:0{width}d}"
-        names = [folder / f"{stem}.mrc", folder / f"{stem}_half1.mrc", folder / f"{stem}_half2.mrc"]
-        for path, vol in zip(names, (gm.full, gm.half1, gm.half2)):
-            write_volume(path, vol.numpy(), ctx.apix, origin_angstrom=(0.0, 0.0, 0.0))
-        ctx.files += names
-        fulls.append((stem, names[0], gm.full))
-        row = {
-            "group": gm.group,
-            "particles": gm.n_particles,
-            "half1": gm.n_half[0],
-            "half2": gm.n_half[1],
-        }
-        if min(gm.n_half) > 0:
-            mask = map_mask(
-                gm.full,
-                ctx.apix,
-                float(mc.lowpass_angstrom),
-                float(mc.threshold),
-                int(mc.extend_px),
-                int(mc.soft_edge_px),
-            )
-            res = half_map_resolution(gm.half1, gm.half2, ctx.apix, mask)
-            csv = write_text(
-                folder / f"{stem}_fsc.csv",
-                fsc_table(
-                    {"fsc_unmasked": res["fsc_unmasked"], "fsc_masked": res["fsc_masked"]},
-                    ctx.box,
-                    ctx.apix,
-                ),
-            )
-            ctx.files.append(csv)
-            curves[stem] = res
-            row.update({k: v for k, v in res.items() if not k.startswith("fsc_")})
-            row["mask_fraction"] = None if mask is None else float(mask.mean())
+        row, res, path = _write_group(ctx, folder, stem, gm)
         rows.append(row)
-    keys = [
-        "group",
-        "particles",
-        "half1",
-        "half2",
-        "res_0.143_unmasked",
-        "res_0.143_masked",
-        "res_0.5_unmasked",
-        "res_0.5_masked",
-    ]
-    ctx.files.append(
-        write_text(
-            folder / "resolution.csv",
-            ",".join(keys)
-            + "\n"
-            + "".join(
-                ",".join(
-                    ""
-                    if r.get(k) is None
-                    else f"{r[k]:.4g}"
-                    if isinstance(r.get(k), float)
-                    else str(r[k])
-                    for k in keys
-                )
-                + "\n"
-                for r in rows
-            ),
-        )
-    )
-    level = contour_level(
-        torch.stack([f[2] for f in fulls]), float(ctx.cfg.maps.get("contour_fraction", 0.05))
-    )
+        fulls.append((stem, path, gm.full))
+        if res is not None:
+            curves[stem] = res
+    ctx.files.append(_resolution_csv(folder / "resolution.csv", rows))
+    vols = torch.stack([f[2] for f in fulls])
+    level = contour_level(vols, float(ctx.cfg.maps.get("contour_fraction", 0.05)))
     ctx.files.append(write_chimerax_script(folder / f"{kind}.cxc", [f[1] for f in fulls], level))
+    _report_kind(ctx, kind, prefix, rows, curves, fulls, blocks)
+    return rows
+
+
+def _write_group(ctx, folder, stem: str, gm: GroupMaps) -> tuple[dict, dict | None, object]:
+    """The full map and both half maps of one group, and (with particles in both halves) the
+    FSC between the half maps without and with a soft mask from the full map (``_fsc.csv``)."""
+    mc = ctx.cfg.reconstruction.mask
+    names = [folder / f"{stem}.mrc", folder / f"{stem}_half1.mrc", folder / f"{stem}_half2.mrc"]
+    for path, vol in zip(names, (gm.full, gm.half1, gm.half2)):
+        write_volume(path, vol.numpy(), ctx.apix, origin_angstrom=(0.0, 0.0, 0.0))
+    ctx.files += names
+    row = {
+        "group": gm.group,
+        "particles": gm.n_particles,
+        "half1": gm.n_half[0],
+        "half2": gm.n_half[1],
+    }
+    if min(gm.n_half) == 0:
+        return row, None, names[0]
+    mask = map_mask(
+        gm.full,
+        ctx.apix,
+        float(mc.lowpass_angstrom),
+        float(mc.threshold),
+        int(mc.extend_px),
+        int(mc.soft_edge_px),
+    )
+    res = half_map_resolution(gm.half1, gm.half2, ctx.apix, mask)
+    curves = {"fsc_unmasked": res["fsc_unmasked"], "fsc_masked": res["fsc_masked"]}
+    ctx.files.append(write_text(folder / f"{stem}_fsc.csv", fsc_table(curves, ctx.box, ctx.apix)))
+    row.update({k: v for k, v in res.items() if not k.startswith("fsc_")})
+    row["mask_fraction"] = None if mask is None else float(mask.mean())
+    return row, res, names[0]
+
+
+def _resolution_csv(path, rows: list[dict]):
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [",".join(RESOLUTION_KEYS)]
+    lines += [",".join(cell(r.get(k)) for k in RESOLUTION_KEYS) for r in rows]
+    return write_text(path, "\n".join(lines) + "\n")
+
+
+def _report_kind(ctx, kind, prefix, rows, curves, fulls, blocks: list[str]) -> None:
     title = kind.replace("_", " ")
     blocks.append(f"<h3>{title}</h3>")
     blocks.append(
@@ -203,10 +207,10 @@ def _write_kind(
                     r["group"],
                     r["particles"],
                     f"{r['half1']} / {r['half2']}",
-                    _res(r, "0.143_unmasked"),
-                    _res(r, "0.143_masked"),
-                    _res(r, "0.5_unmasked"),
-                    _res(r, "0.5_masked"),
+                    *(
+                        _res(r, k)
+                        for k in ("0.143_unmasked", "0.143_masked", "0.5_unmasked", "0.5_masked")
+                    ),
                 )
                 for r in rows
             ],
@@ -234,7 +238,6 @@ def _write_kind(
     blocks.append(
         R.image(gallery, f"Central slices and projections of each reconstructed {title} map")
     )
-    return rows
 
 
 def _res(row: dict, key: str) -> str | float:
