@@ -1,6 +1,7 @@
 """Analyse a training run: ``python analyze.py run_dir=logs/train/runs/<timestamp>``.
 
-Writes cluster and PC-traversal maps, RELION/cryoSPARC particle subsets, figures,
+Writes decoded maps (clusters, PC traversals), maps reconstructed from each cluster's
+particles with half maps and FSC, RELION/cryoSPARC particle subsets, figures,
 ``metrics.json`` and a self-contained ``report.html`` to ``<run_dir>/analysis``. All options live
 in ``conf/analyze.yaml``; the work is done by :func:`hetero.tasks.analyze.analyze`.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from hetero.analysis.latents import CheckpointId
 from hetero.tasks.train import train
 from tests.helpers import (
     TINY_DATA,
@@ -41,7 +43,16 @@ def test_train_predict_and_resume(tmp_path):
     steps_one_epoch = objects["trainer"].global_step
     ckpts = tmp_path / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} == {"best.ckpt", "last.ckpt"}
-    z = np.load(tmp_path / "latents" / "z_mu.npy")
+    # The manifest names the kept checkpoint and the latents it made (keyed by its SHA-256).
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["method"] == "homogeneous" and manifest["format"] == 1
+    assert manifest["result_loader"] == "hetero.analysis.result.load_model_result"
+    assert manifest["parts"]["model"]["path"] == "checkpoints/best.ckpt"
+    latents = tmp_path / manifest["parts"]["latents"]["path"]
+    best = CheckpointId.of(ckpts / "best.ckpt")
+    assert latents.name == best.key
+    assert json.loads((latents / "source.json").read_text())["checkpoint"]["sha256"] == best.sha256
+    z = np.load(latents / "z_mu.npy")
     assert z.shape == (400, 0)
     split = np.load(tmp_path / "split.npz")
 

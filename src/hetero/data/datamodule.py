@@ -182,6 +182,7 @@ class ParticleDataModule(L.LightningDataModule):
         self.train_dataset: ParticleDataset | None = None
         self.val_dataset: ParticleDataset | None = None
         self._predict_dataset: ParticleDataset | None = None
+        self._original_dataset: ParticleDataset | None = None
         self._pending_state: dict | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -340,21 +341,42 @@ class ParticleDataModule(L.LightningDataModule):
             self._predict_dataset = self._dataset(None)
         return self._predict_dataset
 
-    def predict_dataloader(self, shard: bool | None = None) -> DataLoader:
+    @property
+    def original_size_dataset(self) -> ParticleDataset:
+        """All particles in input order at the *original* box and pixel size (no Fourier crop;
+        same normalisation and contrast as training), for reconstructions at full resolution.
+        Lazy like every dataset: nothing is read into memory."""
+        self._require_setup()
+        if self._original_dataset is None:
+            self._original_dataset = ParticleDataset(
+                self.table, box_size=None, invert_contrast=self.invert_contrast,
+                scale=self.norm_scale, mean=self.norm_mean, healpix_nside=self.healpix_nside,
+            )
+        return self._original_dataset
+
+    def predict_dataloader(
+        self, shard: bool | None = None, original_size: bool = False, batches=None
+    ) -> DataLoader:
         """ALL particles in input order (``batch["index"]`` = table row), contiguous batches.
 
         :param shard: split the particles into one contiguous shard per DDP rank. Default:
             only while the attached trainer is running ``trainer.predict`` (Lightning gathers
             per rank); a direct call (e.g. a rank-0 encoding pass after ``fit``) gets all
             particles.
+        :param original_size: images at the original box and pixel size
+            (:attr:`original_size_dataset`; ``apix``/``origin_px`` follow) instead of the
+            training box.
+        :param batches: a sequence of index arrays (table rows) to load as batches, in that
+            order, instead of the contiguous ones (``shard`` is then ignored: the caller chooses).
         """
+        dataset = self.original_size_dataset if original_size else self.predict_dataset
+        if batches is not None:
+            return self._loader(dataset, [np.asarray(b, dtype=np.int64) for b in batches])
         if shard is None:
             shard = self.trainer is not None and bool(getattr(self.trainer, "predicting", False))
         rank, world = self._rank_world() if shard else (0, 1)
-        sampler = SequentialShardBatchSampler(
-            len(self.predict_dataset), self.val_batch_size, world, rank
-        )
-        return self._loader(self.predict_dataset, sampler)
+        sampler = SequentialShardBatchSampler(len(dataset), self.val_batch_size, world, rank)
+        return self._loader(dataset, sampler)
 
     # -- state (checkpoint) -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -436,6 +458,7 @@ class ParticleDataModule(L.LightningDataModule):
         self.train_dataset = self._dataset(self.train_indices)
         self.val_dataset = self._dataset(self.val_indices)
         self._predict_dataset = None
+        self._original_dataset = None
 
     def _make_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         n_val = int(round(self.val_fraction * n))

@@ -5,11 +5,14 @@ Run directory (``paths.output_dir``) after a run::
     .hydra/                 Hydra's composed config and overrides
     config_resolved.yaml    the fully resolved config (what analyze.py rebuilds from)
     data_info.json          geometry the model was built with (box, pixel size, counts)
+    manifest.json           what analysis reads: method, result loader, parts (checkpoint,
+                            latents), method analysis steps (hetero.utils.manifest)
     split.npz               train/validation split and half sets (reused on resume)
     checkpoints/best.ckpt   best by the validation metric; checkpoints/last.ckpt for resuming
     logs/                   csv / tensorboard / wandb
-    latents/z_mu.npy        (N, Z) per-particle latent means in input order (+ z_logstd.npy,
-                            model extras such as the memory bank)
+    latents/<ckpt>-<sha>/   the inference pass of the kept checkpoint (named by its SHA-256):
+                            z_mu.npy (N, Z) in input order, z_logstd.npy, model extras such as
+                            the memory bank, source.json (which checkpoint made them)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hetero.utils.config import apply_extras, instantiate_dict
 from hetero.utils.files import write_json, write_text
+from hetero.utils.manifest import run_manifest, write_manifest
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
@@ -73,6 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_json(output_dir / "data_info.json", info)
+        write_manifest(output_dir, run_manifest(model.manifest()))
     n_params = sum(p.numel() for p in model.parameters())
     for logger in trainer.loggers:
         logger.log_hyperparams(
@@ -87,16 +92,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     metrics["time/fit_seconds"] = fit_seconds
 
     best = _best_checkpoint(trainer)
-    if cfg.get("predict") and trainer.is_global_zero and not trainer.fast_dev_run:
-        from hetero.tasks.inference import encode_particles, write_latents
+    latents_folder = None
+    if cfg.get("predict") and trainer.is_global_zero and not trainer.fast_dev_run and best:
+        from hetero.tasks.inference import encode_particles, write_run_latents
 
-        if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            model.load_state_dict(state)
-        device = _inference_device(cfg)
-        latents = encode_particles(model, datamodule.predict_dataloader(), device)
-        write_latents(output_dir / "latents", latents, model)
-        log.info(f"Latents of {latents['z_mu'].shape[0]} particles -> {output_dir / 'latents'}")
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state)
+        latents = encode_particles(model, datamodule.predict_dataloader(), _inference_device(cfg))
+        latents_folder = write_run_latents(output_dir, best, latents, datamodule.particles_path)
+        log.info(f"Latents of {datamodule.info()['n_particles']} particles -> {output_dir / latents_folder}")
+    elif cfg.get("predict") and trainer.is_global_zero and not trainer.fast_dev_run:
+        log.warning("predict=true but no checkpoint was saved: no latents written (analysis computes them)")
+    if trainer.is_global_zero and best:
+        write_manifest(output_dir, run_manifest(model.manifest(), _relative(best, output_dir), latents_folder))
     if trainer.is_global_zero:
         write_json(output_dir / "train_metrics.json", metrics)
         log.info(f"Run directory: {output_dir}")
@@ -111,6 +119,13 @@ def _best_checkpoint(trainer) -> str | None:
         return path
     last = getattr(cb, "last_model_path", "") if cb is not None else ""
     return last if last and Path(last).is_file() else None
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _inference_device(cfg: DictConfig):
