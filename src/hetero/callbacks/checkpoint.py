@@ -146,6 +146,9 @@ class LastCheckpoint(L.Callback):
             return False
         if not save_checkpoint_atomic(trainer, self.path):
             return False
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()  # the logged history reaches disk with the state it belongs to
         self._saved_step = trainer.global_step
         self.last_reason = reason
         log.debug(f"{self.path} written ({reason}, epoch {trainer.current_epoch}, step {trainer.global_step})")
