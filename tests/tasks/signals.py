@@ -30,14 +30,27 @@ class SignalAt(L.Callback):
 
 
 class PoisonParticle(L.Callback):
-    """Replace the image of particle ``index`` (a table row) with ``value`` whenever a training
-    batch holds it: what a damaged image that got past the loader would do."""
+    """Replace the images of particles ``indices`` (table rows) with ``value`` whenever a
+    training (and, with ``validation``, a validation) batch holds them, from epoch
+    ``from_epoch`` on: what damaged images that got past the loader would do."""
 
-    def __init__(self, index: int, value: float = float("nan")) -> None:
-        self.index = int(index)
+    def __init__(self, indices, value: float = float("nan"), from_epoch: int = 0,
+                 validation: bool = True) -> None:
+        self.indices = torch.as_tensor(list(indices), dtype=torch.int64)
         self.value = float(value)
+        self.from_epoch = int(from_epoch)
+        self.validation = bool(validation)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        hit = batch["index"] == self.index
+    def _poison(self, trainer, batch) -> None:
+        if trainer.current_epoch < self.from_epoch:
+            return
+        hit = torch.isin(batch["index"], self.indices.to(batch["index"].device))
         if bool(hit.any()):
             batch["image"][hit] = torch.tensor(self.value, dtype=batch["image"].dtype)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._poison(trainer, batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.validation:
+            self._poison(trainer, batch)

@@ -5,7 +5,9 @@ a cgroup CPU quota (containers, SLURM with ``ConstrainCores``-less setups, CI ru
 other processes of the same run (DDP ranks on CPU). On a machine whose cores are shared that
 oversubscribes them: measured 2.0-2.6 images/s with torch's default against 9-11 images/s with
 one thread per process under the same load (issue #18). :func:`usable_cpus` reads both limits
-and :func:`configure_threads` divides the result among the run's processes.
+and :func:`configure_threads` divides the result among the run's processes, dropping to one
+thread per process when other processes already keep those CPUs busy (load average): OpenMP
+threads wait for each other at every parallel region, so one preempted thread stalls them all.
 
 Example usage::
 
@@ -18,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["configure_threads", "cgroup_cpu_quota", "usable_cpus"]
+__all__ = ["busy_cpus", "configure_threads", "cgroup_cpu_quota", "usable_cpus"]
 
 
 def _read(path: Path) -> str | None:
@@ -95,12 +97,25 @@ def usable_cpus() -> tuple[float, str]:
     return float(affinity), source
 
 
+def busy_cpus(cpus: float) -> float:
+    """How many of this process' ``cpus`` other processes keep busy: the 1-minute load average
+    scaled to the share of the machine's CPUs this process may use (0 when unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    total = os.cpu_count() or cpus
+    return load * min(cpus / total, 1.0)
+
+
 def configure_threads(threads: int | str | None = "auto", processes: int = 1) -> dict:
     """Set torch's intra-op threads for this process (and ``OMP_NUM_THREADS`` for the processes
     it starts: DDP ranks, which would otherwise each take every core).
 
     :param threads: a positive number, or ``"auto"`` / ``None``: the usable CPUs (see
-        :func:`usable_cpus`) divided among ``processes``, at least 1.
+        :func:`usable_cpus`) divided among ``processes``, at least 1; 1 when other processes
+        already keep those CPUs busy (:func:`busy_cpus`; on 2 shared cores one thread trained
+        OPUS-DSD 3-5 x faster than two, docs/benchmarks.md).
     :param processes: training processes sharing this machine's usable CPUs (DDP ranks per
         node on CPU; 1 on GPU).
     :return: ``{"threads", "usable_cpus", "source", "processes"}`` for logging.
@@ -113,6 +128,11 @@ def configure_threads(threads: int | str | None = "auto", processes: int = 1) ->
     if threads in (None, "auto"):
         n = max(1, math.floor(cpus / processes))
         how = f"auto: {cpus:g} usable CPUs ({source}) / {processes} process(es)"
+        busy = busy_cpus(cpus)
+        if n > 1 and busy >= cpus - 0.5:
+            n = 1
+            how += (f"; busy machine (load {busy:.1f} on these {cpus:g} CPUs), so 1 thread: "
+                    "several would wait on each other")
     else:
         try:
             n = int(threads)
