@@ -56,6 +56,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def _requeued() -> bool:
+    """Whether this is a SLURM job that was requeued (preempted or timed out, then restarted)."""
+    import os
+
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def check_machine(cfg: DictConfig) -> int:
     """Refuse a GPU trainer on a machine without one; warn when CPU processes exceed cores.
 
@@ -144,7 +151,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     processes = check_machine(cfg)
     threads = configure_threads(cfg.get("threads", "auto"), processes)
     log.info(f"torch threads per process: {threads['threads']} ({threads['how']})")
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_setting = cfg.get("ckpt_path")
+    if not ckpt_setting and _requeued():
+        ckpt_setting = "auto"  # a requeued SLURM job (submitit launcher) continues its run
+    ckpt_path = resolve_ckpt_path(ckpt_setting, output_dir)
     if ckpt_path:
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("seed") is not None:

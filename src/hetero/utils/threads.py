@@ -30,10 +30,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _cgroup_paths(root: Path) -> dict[str, str]:
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
     """Controller -> cgroup path of this process (``""`` key for cgroup v2)."""
     out: dict[str, str] = {}
-    text = _read(Path("/proc/self/cgroup")) or ""
+    text = _read(proc_cgroup) or ""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3:
@@ -42,14 +42,16 @@ def _cgroup_paths(root: Path) -> dict[str, str]:
     return out
 
 
-def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
+def cgroup_cpu_quota(
+    root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup"
+) -> float | None:
     """The CPU quota of this process' cgroup in CPUs (``quota / period``), or ``None`` if none.
 
     Reads cgroup v2 ``cpu.max`` and v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` along the
-    process' cgroup path and its parents (the tightest limit wins).
+    process' cgroup path (from ``proc_cgroup``) and its parents; the tightest limit wins.
     """
     root = Path(root)
-    paths = _cgroup_paths(root)
+    paths = _cgroup_paths(Path(proc_cgroup))
     limits: list[float] = []
 
     def walk(base: Path, rel: str):
