@@ -31,7 +31,7 @@ from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hetero.utils.pylogger import RankedLogger
@@ -101,9 +101,13 @@ class BestCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """``<dirpath>/<filename>.ckpt`` at the end of every training epoch, optionally every
     ``every_n_train_steps`` optimiser steps, and on SIGTERM.
+
+    A Lightning ``Checkpoint``, so the trainer runs it after the other callbacks and after a
+    :class:`BestCheckpoint` listed before it: the file holds their state of this epoch (e.g.
+    which epoch is best so far), not the previous one's.
 
     :param dirpath: folder of the checkpoint (``<run>/checkpoints``).
     :param filename: file stem (``last``).
