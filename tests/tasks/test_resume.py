@@ -120,3 +120,12 @@ def test_resume_refuses_overrides_that_change_the_run(reference, tmp_path):
     fresh = train_cli(*RUN, f"hydra.run.dir={reference}", cwd=tmp_path)  # a new run into it
     assert fresh.returncode == 2 and "ckpt_path=last" in fresh.stderr
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_an_error_in_a_resumed_run_goes_to_its_log_and_keeps_the_run(reference, tmp_path):
+    result = train_cli(f"hydra.run.dir={reference}", f"ckpt_path={tmp_path}/gone.ckpt", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = f"ckpt_path={tmp_path}/gone.ckpt: no checkpoint at {tmp_path}/gone.ckpt"
+    assert message in result.stderr
+    assert message in (reference / "train.log").read_text()
+    assert (reference / "checkpoints" / "last.ckpt").is_file()  # the run directory stays
