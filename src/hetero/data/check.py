@@ -37,7 +37,7 @@ from hetero.data.io.errors import InputError
 from hetero.data.io.mrc import ImageStack
 from hetero.data.particles import ParticleTable
 
-__all__ = ["BadImage", "StackProblem", "scan_images", "scan_stacks", "main"]
+__all__ = ["BadImage", "StackProblem", "drop_damaged", "scan_images", "scan_stacks", "main"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,54 @@ def read_bad_csv(path: str | Path) -> list[BadImage]:
             BadImage(int(r["row"]) - 1, r["stack"], int(r["image"]) - 1, r["problem"])
             for r in csv.DictReader(fh)
         ]
+
+
+def drop_damaged(table: ParticleTable, dropped_file: str | Path | None = None) -> tuple[ParticleTable, np.ndarray]:
+    """``data.drop_nonfinite``: ``table`` without the particles whose image holds NaN/inf.
+
+    Scans every image (:func:`scan_images`), or reuses ``dropped_file`` when it exists and
+    matches the table (same stack and image for every listed row: a resumed run, the analysis);
+    logs each dropped particle and writes the list to ``dropped_file`` after a scan.
+
+    :return: ``(filtered table, dropped rows)``; the filtered table's ``extra["input_rows"]``
+        maps its rows back to the input's (0-based).
+    :raises InputError: every image is damaged.
+    """
+    from hetero.utils.pylogger import RankedLogger
+
+    log = RankedLogger(__name__)
+    bad: list[BadImage] | None = None
+    path = Path(dropped_file) if dropped_file else None
+    if path is not None and path.is_file():
+        saved = read_bad_csv(path)
+        if all(0 <= b.row < len(table) and str(table.image_paths[b.row]) == b.stack
+               and int(table.image_indices[b.row]) == b.index for b in saved):
+            bad = saved
+            log.info(f"Reusing the list of {len(bad)} dropped particles in {path}")
+        else:
+            log.warning(f"{path} does not match {table.source}; scanning the images again")
+    if bad is None:
+        start = time.perf_counter()
+        log.info(f"data.drop_nonfinite: scanning all {len(table)} images for NaN/inf pixels")
+        bad = scan_images(table)
+        log.info(f"Scanned {len(table)} images in {time.perf_counter() - start:.1f} s")
+        if path is not None:
+            write_bad_csv(path, bad, table.source)
+    for b in bad:
+        log.warning(f"Dropping {b.describe(table.source)}")
+    rows = np.array([b.row for b in bad], dtype=np.int64)
+    if len(rows) == 0:
+        return table, rows
+    if len(rows) == len(table):
+        raise InputError(f"{table.source}: every image holds NaN or inf pixel values")
+    keep = np.setdiff1d(np.arange(len(table)), rows)
+    filtered = table.subset(keep)
+    filtered.extra["input_rows"] = keep
+    log.warning(
+        f"data.drop_nonfinite: left out {len(rows)} of {len(table)} particles (listed in "
+        f"{path or 'the log'}); training, latents and subsets use the other {len(keep)}"
+    )
+    return filtered, rows
 
 
 def _read_table(args) -> ParticleTable:

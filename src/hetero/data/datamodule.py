@@ -427,46 +427,10 @@ class ParticleDataModule(L.LightningDataModule):
 
     # -- internals ----------------------------------------------------------------------------
     def _drop_nonfinite(self, table: ParticleTable) -> ParticleTable:
-        """Leave out particles whose image holds NaN/inf (``drop_nonfinite``): scan every image
-        (or reuse a matching ``dropped_file``), log each one, write the list."""
-        from hetero.data.check import BadImage, read_bad_csv, scan_images, write_bad_csv
+        """``drop_nonfinite``: the table without particles whose image holds NaN/inf."""
+        from hetero.data.check import drop_damaged
 
-        bad: list[BadImage] | None = None
-        path = Path(self.dropped_file) if self.dropped_file else None
-        if path is not None and path.is_file():
-            saved = read_bad_csv(path)
-            if all(
-                0 <= b.row < len(table) and str(table.image_paths[b.row]) == b.stack
-                and int(table.image_indices[b.row]) == b.index for b in saved
-            ):
-                bad = saved
-                log.info(f"Reusing the list of {len(bad)} dropped particles in {path}")
-            else:
-                log.warning(f"{path} does not match {table.source}; scanning the images again")
-        if bad is None:
-            import time
-
-            start = time.perf_counter()
-            log.info(f"data.drop_nonfinite: scanning all {len(table)} images for NaN/inf pixels")
-            bad = scan_images(table)
-            log.info(f"Scanned {len(table)} images in {time.perf_counter() - start:.1f} s")
-            if path is not None:
-                write_bad_csv(path, bad, table.source)
-        for b in bad:
-            log.warning(f"Dropping {b.describe(table.source)}")
-        rows = np.array([b.row for b in bad], dtype=np.int64)
-        self.dropped_rows = rows
-        if len(rows) == 0:
-            return table
-        if len(rows) == len(table):
-            raise InputError(f"{table.source}: every image holds NaN or inf pixel values")
-        keep = np.setdiff1d(np.arange(len(table)), rows)
-        filtered = table.subset(keep)
-        filtered.extra["input_rows"] = keep
-        log.warning(
-            f"data.drop_nonfinite: left out {len(rows)} of {len(table)} particles (listed in "
-            f"{path or 'the log'}); training, latents and subsets use the other {len(keep)}"
-        )
+        filtered, self.dropped_rows = drop_damaged(table, self.dropped_file)
         return filtered
 
     def _resolve_particles(self) -> str:

@@ -16,7 +16,8 @@ refused too (it would be overwritten by a new run), except when SLURM requeued t
 with ``user_error = True`` counts too) are printed as their message alone, written to the run's
 log file and end the process with a non-zero status; anything else is a bug and keeps its
 traceback. A training run that fails before writing a checkpoint removes its run directory,
-unless it existed before (a resumed run).
+unless it existed before (a resumed run). In a multirun sweep the error is raised on after
+printing, so the sweeper records the failed job and goes on (an Optuna trial that diverged).
 """
 
 from __future__ import annotations
@@ -93,7 +94,19 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         print(f"\nError: {message}", file=sys.stderr)
         if removed:
             print(f"(nothing was trained: removed the run directory {removed})", file=sys.stderr)
+        if _multirun():
+            raise  # a sweep records the failed job and goes on (Optuna: a failed trial)
         sys.exit(getattr(err, "exit_code", 1))
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError, AttributeError):
+        return False
 
 
 def _remove_failed_run_dir(output_dir: str | Path) -> Path | None:
