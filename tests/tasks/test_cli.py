@@ -29,12 +29,10 @@ def cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["gpu_without_gpu", "missing_particles", "bug"])
+@pytest.mark.parametrize("case", ["missing_particles", "bug"])
 def test_train_errors_and_no_run_dir_left_behind(tmp_path, case):
-    if case == "gpu_without_gpu" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    args = {"gpu_without_gpu": ["trainer=gpu"],
-            "missing_particles": ["data=custom", f"data.particles={tmp_path}/run_data.star"],
+    """(trainer=gpu without a GPU takes the same path: test_check_machine.)"""
+    args = {"missing_particles": ["data=custom", f"data.particles={tmp_path}/run_data.star"],
             "bug": ["+data.no_such_argument=1"]}[case]
     run_dir = tmp_path / "run"
     result = cli("train.py", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -46,10 +44,7 @@ def test_train_errors_and_no_run_dir_left_behind(tmp_path, case):
     assert "Traceback" not in result.stderr and "CONFIG" not in result.stdout  # no config tree
     last = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(last) == 1
-    if case == "gpu_without_gpu":
-        assert result.returncode == 2 and "trainer=cpu" in last[0]
-    else:
-        assert result.returncode == 1 and f"{tmp_path}/run_data.star" in last[0]
+    assert result.returncode == 1 and f"{tmp_path}/run_data.star" in last[0]
 
 
 def test_analyze_prints_input_errors_as_a_message(tmp_path):
@@ -141,3 +136,15 @@ def test_wandb_logger_keeps_its_run_id(tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
     assert first._wandb_init["id"] == again._wandb_init["id"] == run_id and len(run_id) == 8
     assert again._wandb_init["resume"] == "allow"
+
+
+def test_tensorboard_hides_events_logged_after_the_resumed_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from hetero.tasks.train import _loggers
+
+    cfg = compose_train(tmp_path, ["logger=many", "logger.wandb=null"])
+    loggers = {type(lg).__name__: lg for lg in _loggers(cfg, resume_step=27)}
+    assert loggers["TensorBoardLogger"]._kwargs["purge_step"] == 27
+    assert loggers["ResumableCSVLogger"].resume_step == 27
+    fresh = {type(lg).__name__: lg for lg in _loggers(cfg, resume_step=None)}
+    assert "purge_step" not in fresh["TensorBoardLogger"]._kwargs

@@ -106,7 +106,10 @@ def _read_resume_step(ckpt_path: str | None) -> int | None:
         return None
     import torch
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap: only the loop state is read, not the weights
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format checkpoint
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     try:
         loop = ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]
         return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
