@@ -148,3 +148,61 @@ def test_tensorboard_hides_events_logged_after_the_resumed_checkpoint(tmp_path):
     assert loggers["ResumableCSVLogger"].resume_step == 27
     fresh = {type(lg).__name__: lg for lg in _loggers(cfg, resume_step=None)}
     assert "purge_step" not in fresh["TensorBoardLogger"]._kwargs
+
+
+def test_resume_restores_values_whose_defaults_changed_since_the_run(tmp_path, monkeypatch, capsys):
+    """A run made when model=opusdsd meant the paper's settings keeps them when resumed."""
+    from omegaconf import OmegaConf
+
+    from hetero.tasks.cli import _compose, _flat
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    then = ["model=opusdsd_cpu", "loss.tv.normalization=paper", "data.batch_size=32",
+            "optim.optimizer.lr=1e-4", "trainer.max_epochs=3"]
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(_compose(then)))
+    (run / ".hydra" / "overrides.yaml").write_text("- model=opusdsd_cpu\n- trainer.max_epochs=3\n")
+    argv = prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=5",
+                               "data.batch_size=32"])  # restating the run's own value is fine
+    assert "data.batch_size: 16 -> 32" in capsys.readouterr().err
+    again = _flat(_compose([a for a in argv if not a.startswith("hydra.")]))
+    saved = _flat(_compose(then))
+    assert sorted(k for k in saved if saved[k] != again.get(k)) == ["ckpt_path", "trainer.max_epochs"]
+    assert again["trainer.max_epochs"] == 5
+    with pytest.raises(ConfigError, match=r"data.batch_size=8  \(data.batch_size: 32 -> 8\)"):
+        prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "data.batch_size=8"])
+
+
+def test_an_input_error_inside_hydra_instantiate_prints_as_its_message(tmp_path, capsys, monkeypatch):
+    from hydra.errors import InstantiationException
+
+    from hetero.data.io.errors import InputError
+    from hetero.tasks.cli import run_task
+
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+
+    def task(cfg):
+        try:
+            raise InputError("/data/run_data.star, line 12: 9 values for 10 columns")
+        except InputError as err:
+            raise InstantiationException("Error in call to target 'X':\nInputError(...)") from err
+
+    run_dir = tmp_path / "new"
+    run_dir.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_task(task, None, output_dir=run_dir)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Error in call" not in err and "Traceback" not in err
+    assert "Error: /data/run_data.star, line 12: 9 values for 10 columns" in err
+    assert not run_dir.exists()  # failed before training started
+
+    def bug(cfg):
+        raise InstantiationException("Error in call to target 'X'") from KeyError("x")
+
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config_resolved.yaml").write_text("{}\n")  # training had started
+    with pytest.raises(InstantiationException):
+        run_task(bug, None, output_dir=started)
+    assert started.is_dir()

@@ -12,8 +12,18 @@
   :class:`~hetero.callbacks.random_state.RandomStateCheckpoint` the random generators.
 
 Both refuse to write a model whose parameters or buffers hold NaN/inf (the previous file stays,
-so the last good checkpoint remains resumable) and write through a temporary file renamed into
-place, so a run killed while saving leaves the previous checkpoint intact.
+so the last good checkpoint remains resumable; the decision is taken on all DDP ranks together)
+and write through a temporary file renamed into place, so a run killed while saving leaves the
+previous checkpoint intact. Buffers that hold NaN/inf *as built* (sentinels such as an
+``inf`` "no score yet") are exempt, as are those a model lists in its attribute
+``nonfinite_buffers`` (names or name prefixes).
+
+**A model's own state.** Everything in ``state_dict`` (parameters and persistent buffers) and
+what the LightningModule's ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks add is saved
+and restored, at epoch ends and mid-epoch alike. A model that keeps per-epoch state elsewhere
+(e.g. the sufficient statistics of an EM epoch in plain attributes) and cannot resume in the
+middle of an epoch sets ``mid_epoch_checkpoints = False``: then ``last.ckpt`` is written only
+at epoch ends (SIGTERM and the every-N-steps option leave the previous epoch's file in place).
 
 Requeue signals (SLURM: Lightning's ``SIGUSR1`` handler or submitit's ``SIGUSR2``) arrive at any
 moment; :class:`LastCheckpoint` defers the handler that is installed to the next batch boundary
@@ -38,16 +48,45 @@ from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "nonfinite_tensors", "save_checkpoint_atomic"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "nonfinite_tensors", "save_checkpoint_atomic", "sentinel_buffers"]
 
 
-def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``module`` holding NaN or inf."""
-    bad = []
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad.append(name)
-    return bad
+def nonfinite_tensors(module: torch.nn.Module, exempt: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding NaN or inf.
+
+    :param exempt: buffer names (or name prefixes) not to check; default: the module's sentinel
+        buffers (:func:`sentinel_buffers`, recorded when training starts) and its
+        ``nonfinite_buffers`` attribute.
+    """
+    if exempt is None:
+        exempt = (*getattr(module, SENTINELS, ()), *getattr(module, "nonfinite_buffers", ()))
+
+    def skipped(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in exempt)
+
+    tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if not skipped(n))]
+    return [name for name, t in tensors
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+#: module attribute caching the buffers that held NaN/inf when training started
+SENTINELS = "_hetero_sentinel_buffers"
+
+
+def sentinel_buffers(module: torch.nn.Module) -> tuple[str, ...]:
+    """Record (once per module) and return the buffers that hold NaN/inf before training starts.
+
+    Called from the checkpoint callbacks' ``setup``, which Lightning runs before a checkpoint is
+    restored: the values are the model's as built, where NaN/inf can only be deliberate
+    (DynaMight's ``pool_score`` starts at ``inf``). Such buffers are not checked before saving.
+    """
+    if not hasattr(module, SENTINELS):
+        names = tuple(n for n, b in module.named_buffers()
+                      if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all()))
+        object.__setattr__(module, SENTINELS, names)
+        if names:
+            log.debug(f"Buffers holding NaN/inf as built (not checked before saving): {', '.join(names)}")
+    return getattr(module, SENTINELS)
 
 
 def _fitting(trainer: L.Trainer) -> bool:
@@ -62,10 +101,13 @@ def save_checkpoint_atomic(trainer: L.Trainer, filepath: str | Path, weights_onl
     :return: ``False`` (and nothing written) when the model holds NaN/inf values.
     """
     bad = nonfinite_tensors(trainer.lightning_module)
-    if bad:  # parameters agree across DDP ranks, so every rank takes the same branch
+    # buffers may differ between DDP ranks: every rank must take the same branch
+    if not trainer.strategy.reduce_boolean_decision(not bad, all=True):
         log.error(
-            f"Not writing {filepath}: the model holds NaN/inf values in {', '.join(bad[:5])}"
-            f"{' ...' if len(bad) > 5 else ''}; the previous checkpoint is kept"
+            f"Not writing {filepath}: the model holds NaN/inf values in "
+            f"{', '.join(bad[:5]) if bad else 'a tensor on another rank'}{' ...' if len(bad) > 5 else ''}; "
+            "the previous checkpoint is kept (a buffer whose NaN/inf values are meant, e.g. a "
+            "sentinel, belongs in the model's `nonfinite_buffers`)"
         )
         return False
     path = Path(filepath)
@@ -81,6 +123,10 @@ class BestCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` that never saves NaN weights or a non-finite metric as
     best, and writes atomically. Same arguments (use ``save_last=False``: see
     :class:`LastCheckpoint`)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        sentinel_buffers(pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
@@ -139,14 +185,27 @@ class LastCheckpoint(Checkpoint):
         self._wrapped: dict[int, object] = {}
         #: why the file was last written: "epoch", "step", "SIGTERM" or "signal"
         self.last_reason: str | None = None
+        self._told_mid_epoch = False
 
     @property
     def path(self) -> Path:
         return self.dirpath / f"{self.filename}.ckpt"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        sentinel_buffers(pl_module)
+
     def save(self, trainer: L.Trainer, reason: str) -> bool:
         """Write the checkpoint now (all ranks must call); ``False`` if nothing was written."""
         if not _fitting(trainer):
+            return False
+        if reason != "epoch" and not getattr(trainer.lightning_module, "mid_epoch_checkpoints", True):
+            if not self._told_mid_epoch:
+                self._told_mid_epoch = True
+                log.warning(
+                    f"{type(trainer.lightning_module).__name__} cannot resume in the middle of an "
+                    f"epoch (mid_epoch_checkpoints = False): {self.path} is written at epoch ends "
+                    f"only; not on {reason} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+                )
             return False
         if not save_checkpoint_atomic(trainer, self.path):
             return False
@@ -198,8 +257,9 @@ class LastCheckpoint(Checkpoint):
 
     def _run_deferred(self, trainer) -> None:
         pending, self._pending = self._pending, []
-        self.save(trainer, "signal")
-        log.warning(f"{self.path} saved before handling {', '.join(signal.Signals(s).name for s, _ in pending)}")
+        names = ", ".join(signal.Signals(s).name for s, _ in pending)
+        if self.save(trainer, "signal"):
+            log.warning(f"{self.path} saved before handling {names}")
         for signum, frame in pending:
             handler = self._wrapped.get(signum)
             if callable(handler):

@@ -17,7 +17,15 @@ run for automatic and manual optimisation alike, for any number of optimisers):
 
 With fp16 mixed precision the gradient scaler itself skips steps with inf gradients (that is
 how it finds its scale), so only the loss is checked there. Under DDP the decision is made on
-all ranks together (one all-reduce of a flag per step), so no rank is left waiting.
+all ranks together (one all-reduce of a flag per step), so no rank is left waiting. With
+gradient accumulation the losses and particles of every batch since the last step count.
+
+Models that step a plain ``torch.optim`` optimiser themselves (not the one ``self.optimizers()``
+returns) bypass ``on_before_optimizer_step``; for them a non-finite loss passed to
+``manual_backward`` is caught at the end of the batch: the run stops if the parameters went
+non-finite (whatever ``action`` says: such a step cannot be undone). Models without gradients
+(EM updates under ``no_grad``) are guarded by the data checks and by the checkpoint callbacks,
+which never write NaN/inf state (:mod:`hetero.callbacks.checkpoint`).
 """
 
 from __future__ import annotations
@@ -61,19 +69,25 @@ class NonFiniteGuard(L.Callback):
         self.max_skips = None if max_skips is None else int(max_skips)
         #: steps skipped so far in this run (``action="skip"``)
         self.skipped = 0
-        self._index: torch.Tensor | None = None
+        self._indices: list[torch.Tensor] = []
         self._loss_ok: torch.Tensor | None = None
         self._loss_value: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] | None = None
         self._batch_skipped = False
+        self._batch_decided = False
+        self._stepped = True  # an optimiser step (or its decision) since the window started
 
     # -- per batch ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._index = batch.get("index") if isinstance(batch, dict) else None
-        self._loss_ok = None
+        if self._stepped:  # a new window of batches until the next optimiser step
+            self._indices, self._loss_ok, self._stepped = [], None, False
+            if self.action == "skip":
+                self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if index is not None:
+            self._indices.append(index.detach())
         self._batch_skipped = False
-        if self.action == "skip":
-            self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+        self._batch_decided = False
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         ok = torch.isfinite(loss.detach()).all()
@@ -90,6 +104,7 @@ class NonFiniteGuard(L.Callback):
                 grad_ok = bool(torch.isfinite(norm))
         loss_ok = bool(ok)
         good = trainer.strategy.reduce_boolean_decision(loss_ok and grad_ok, all=True)
+        self._loss_ok, self._stepped, self._batch_decided = None, True, True
         if good:
             return
         what = "loss" if not loss_ok else ("gradient" if not grad_ok else "loss or gradient on another rank")
@@ -125,10 +140,32 @@ class NonFiniteGuard(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._loss_ok is not None and not self._batch_decided:
+            self._check_unguarded_step(trainer, pl_module)
         if self.action == "skip":
             pl_module.log("train/nonfinite_skips", float(self.skipped), on_step=True, on_epoch=False,
                           reduce_fx="max", rank_zero_only=True)
-        self._buffers = None
+
+    def _check_unguarded_step(self, trainer, pl_module) -> None:
+        """A loss went through backward but no Lightning optimiser stepped in this batch
+        (gradient accumulation, or a model stepping its optimisers itself): stop if the loss
+        was non-finite and the parameters are no longer finite."""
+        loss_ok = bool(self._loss_ok)
+        if not pl_module.automatic_optimization:
+            self._stepped = True  # manual optimisation does not accumulate across batches
+        if trainer.strategy.reduce_boolean_decision(loss_ok, all=True):
+            return
+        params_ok = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters() if p.is_floating_point())
+        if trainer.strategy.reduce_boolean_decision(params_ok, all=True):
+            return  # not stepped yet (accumulation: the step's check acts) or the model held back
+        raise NonFiniteError(
+            f"Training stopped: a non-finite loss at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step} reached the weights through an optimiser step that Lightning "
+            f"does not see (the model steps its optimiser itself), so it could not be "
+            f"{'skipped' if self.action == 'skip' else 'stopped before the update'}. The batch held "
+            f"{self._describe(trainer)}. checkpoints/last.ckpt (end of the last complete epoch) "
+            "resumes with ckpt_path=last."
+        )
 
     # -- helpers --------------------------------------------------------------------------
     def _restore_buffers(self, pl_module) -> None:
@@ -141,12 +178,13 @@ class NonFiniteGuard(L.Callback):
                     buf.copy_(saved)
 
     def _describe(self, trainer) -> str:
-        if self._index is None:
+        if not self._indices:
             return "particles not known (the batch has no 'index')"
+        index = torch.cat([i.reshape(-1).cpu() for i in self._indices])
         describe = getattr(trainer.datamodule, "describe_particles", None)
         if callable(describe):
-            return describe(self._index.detach().cpu())
-        return f"particles (0-based rows) {self._index.detach().cpu().tolist()}"
+            return describe(index)
+        return f"particles (0-based rows) {index.tolist()}"
 
     # -- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -8,8 +8,10 @@ batches (indices only, no pixels are read), so a run stopped mid-epoch (SIGTERM,
 every N steps) continues with exactly the batches an uninterrupted run would have seen. From
 an end-of-epoch checkpoint it selects the next epoch's shuffle.
 
-Its batch sampler must have ``set_epoch(epoch)`` and yield the same batches for the same
-epoch (every sampler in :mod:`hetero.data.samplers` does).
+Its batch sampler must yield the same batches for the same epoch: shuffling samplers take the
+epoch through ``set_epoch(epoch)`` (every shuffling sampler in :mod:`hetero.data.samplers`);
+a sampler without ``set_epoch`` must yield the same batches in every epoch (e.g. the
+sequential one EM models use).
 
 Example usage::
 
@@ -47,7 +49,9 @@ class _SkipFirst(Sampler):
         return getattr(self.inner, "epoch", None)
 
     def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
+        set_epoch = getattr(self.inner, "set_epoch", None)
+        if callable(set_epoch):  # samplers without it yield the same batches every epoch
+            set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -71,8 +75,8 @@ class ResumableDataLoader(DataLoader):
         self, *args, progress: Callable[[], tuple[int, int, int]] | None = None, **kwargs
     ) -> None:
         sampler = kwargs.pop("batch_sampler", None)
-        if sampler is None or not callable(getattr(sampler, "set_epoch", None)):
-            raise ValueError("ResumableDataLoader needs a batch_sampler with set_epoch(epoch)")
+        if sampler is None:
+            raise ValueError("ResumableDataLoader needs a batch_sampler")
         super().__init__(*args, batch_sampler=_SkipFirst(sampler), **kwargs)
         self._progress = progress
 

@@ -15,8 +15,10 @@ refused too (it would be overwritten by a new run), except when SLURM requeued t
 :class:`hetero.utils.errors.HeteroError` and a few more user-facing errors (any exception class
 with ``user_error = True`` counts too) are printed as their message alone, written to the run's
 log file and end the process with a non-zero status; anything else is a bug and keeps its
-traceback. A training run that fails before writing a checkpoint removes its run directory,
-unless it existed before (a resumed run). In a multirun sweep the error is raised on after
+traceback (a Hydra ``InstantiationException`` is unwrapped to the error it carries). A training
+run that fails before training started (input errors, a configuration that cannot work)
+removes its run directory, unless it existed before (a resumed run); one that fails while
+training keeps it, with the error in its ``train.log``. In a multirun sweep the error is raised on after
 printing, so the sweeper records the failed job and goes on (an Optuna trial that diverged).
 """
 
@@ -25,13 +27,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
 from hetero.utils.errors import ConfigError, HeteroError, user_message
 
-__all__ = ["RESUME_KEYS", "is_user_error", "prepare_train_argv", "run_task", "resume_overrides"]
+__all__ = ["RESUME_KEYS", "find_user_error", "is_user_error", "prepare_train_argv", "run_task", "resume_overrides"]
 
 #: Overrides a resumed run may change (prefix match on the key): they steer the run, not the model.
 RESUME_KEYS = (
@@ -42,6 +45,8 @@ RESUME_KEYS = (
     "callbacks.last_checkpoint.every_n_train_steps", "logger.wandb.offline", "logger.wandb.project",
 )
 _PREEXISTING_ENV = "HETERO_PREEXISTING_RUN_DIR"
+#: written by the training task right before fitting: a run that has it started training
+STARTED_MARKER = "config_resolved.yaml"
 _USER_ERRORS = (
     ("hetero.data.io.errors", "InputError"),
     ("hetero.data.published", "PublishedDatasetMissing"),
@@ -53,8 +58,7 @@ _USER_ERRORS = (
 
 
 # ------------------------------------------------------------------------------ errors
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` is one whose message is all the user needs (see module docstring)."""
+def _is_user_error_class(err: BaseException) -> bool:
     if isinstance(err, HeteroError) or getattr(type(err), "user_error", False):
         return True
     for module, name in _USER_ERRORS:
@@ -67,6 +71,35 @@ def is_user_error(err: BaseException) -> bool:
         if isinstance(cls, type) and isinstance(err, cls):
             return True
     return False
+
+
+def _is_wrapper(err: BaseException) -> bool:
+    """Hydra's ``InstantiationException``: an error raised in a constructor built by
+    ``hydra.utils.instantiate`` (model, data module, callbacks) arrives wrapped in it."""
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return False
+    return isinstance(err, InstantiationException)
+
+
+def find_user_error(err: BaseException) -> BaseException | None:
+    """``err`` itself, or the error a Hydra ``InstantiationException`` wraps (``__cause__``),
+    when it is one whose message is all the user needs; else ``None``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if _is_user_error_class(err):
+            return err
+        if not _is_wrapper(err):
+            return None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one whose message is all the user needs (see module docstring)."""
+    return find_user_error(err) is not None
 
 
 def _log_to_files(message: str) -> None:
@@ -87,16 +120,17 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         return task(cfg)
     except BaseException as err:
         removed = _remove_failed_run_dir(output_dir) if output_dir is not None else None
-        if isinstance(err, KeyboardInterrupt) or not is_user_error(err):
+        cause = None if isinstance(err, KeyboardInterrupt) else find_user_error(err)
+        if cause is None:
             raise
-        message = user_message(err)
+        message = user_message(cause)
         _log_to_files(message)
         print(f"\nError: {message}", file=sys.stderr)
         if removed:
             print(f"(nothing was trained: removed the run directory {removed})", file=sys.stderr)
         if _multirun():
             raise  # a sweep records the failed job and goes on (Optuna: a failed trial)
-        sys.exit(getattr(err, "exit_code", 1))
+        sys.exit(getattr(cause, "exit_code", 1))
 
 
 def _multirun() -> bool:
@@ -110,9 +144,14 @@ def _multirun() -> bool:
 
 
 def _remove_failed_run_dir(output_dir: str | Path) -> Path | None:
+    """Remove a new run's directory when the run failed before training started (no
+    ``config_resolved.yaml``, which the training task writes right before fitting, and no
+    checkpoint); a run that failed while training keeps its log, config and metrics."""
     path = Path(output_dir)
     preexisting = os.environ.get(_PREEXISTING_ENV)
     if not path.is_dir() or (preexisting and Path(preexisting).resolve() == path.resolve()):
+        return None
+    if (path / STARTED_MARKER).is_file():
         return None
     if any((path / "checkpoints").glob("*.ckpt")) or any(path.glob("hpc_ckpt_*.ckpt")):
         return None
@@ -162,9 +201,54 @@ def _flat(cfg) -> dict[str, object]:
     return out
 
 
-def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | None = None) -> list[str]:
+#: top-level keys whose values define the model and its data: a resume restores the values the
+#: run was made with when today's defaults differ (steering keys, RESUME_KEYS, excepted)
+RESTORED_KEYS = ("data", "model", "loss", "schedule", "optim", "seed")
+_KEY_PART = re.compile(r"^[A-Za-z_][\w\-]*$")
+
+
+def _override_value(value) -> str:
+    """``value`` in Hydra's override grammar (strings quoted; interpolations stay lazy)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as an override")
+
+
+def restore_changed_defaults(merged: list[str], saved_config: dict[str, object],
+                             conf_dir: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """``++key=value`` overrides that give back the run's own values (``saved_config``: its
+    ``.hydra/config.yaml``, flattened) where composing ``merged`` today gives other ones:
+    defaults that changed since the run was made (e.g. a model's learning rate).
+
+    :return: ``(overrides, notes)``; each note names a key with today's and the run's value.
+    """
+    current = _flat(_compose(merged, conf_dir))
+    fixes, notes = [], []
+    for key, value in saved_config.items():
+        if key.split(".")[0] not in RESTORED_KEYS or _is_resume_key(key) or key not in current:
+            continue
+        if current[key] == value or not all(_KEY_PART.match(p) for p in key.split(".")):
+            continue
+        fixes.append(f"++{key}={_override_value(value)}")
+        notes.append(f"{key}: {current[key]!r} -> {value!r}")
+    return fixes, notes
+
+
+def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | None = None,
+                     saved_config: dict[str, object] | None = None) -> list[str]:
     """The overrides to run a resumed run with: its ``saved`` ones, with the steering keys of
-    ``new`` (:data:`RESUME_KEYS`) replacing theirs.
+    ``new`` (:data:`RESUME_KEYS`) replacing theirs, plus :func:`restore_changed_defaults`
+    when ``saved_config`` (the run's ``.hydra/config.yaml``, flattened) is given.
 
     :raises ConfigError: a ``new`` override outside :data:`RESUME_KEYS` would change the
         run's configuration (each such override is named with what it changes).
@@ -173,6 +257,12 @@ def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | No
     others = [o for o in new if not _is_resume_key(_key(o)) and o not in saved]
     keys = {_key(o) for o in steering}
     merged = [o for o in saved if _key(o) not in keys] + steering
+    if saved_config is not None:
+        restored, notes = restore_changed_defaults(merged, saved_config, conf_dir)
+        if notes:
+            print("Resuming with the run's own values where today's defaults differ:\n  "
+                  + "\n  ".join(notes), file=sys.stderr)
+        merged += restored
     if not others:
         return merged
     base = _flat(_compose(merged, conf_dir))
@@ -229,7 +319,13 @@ def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> l
                 f"Resume it with `python train.py hydra.run.dir={run_dir} ckpt_path=last`, or "
                 "give a new run its own hydra.run.dir (or delete this one)."
             )
-    return [*resume_overrides(saved, new, conf_dir), *hydra_args]
+    config_file = run_dir / ".hydra" / "config.yaml"
+    saved_config = None
+    if config_file.is_file():
+        from omegaconf import OmegaConf
+
+        saved_config = _flat(OmegaConf.load(config_file))
+    return [*resume_overrides(saved, new, conf_dir, saved_config), *hydra_args]
 
 
 def main_with_resume(hydra_main, conf_dir: str | Path | None = None) -> None:

@@ -214,22 +214,23 @@ def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        saved = _saved_on_sigterm(trainer)
-        raise Preempted(
-            f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-            + (f"saved {saved}. Resume with: python train.py hydra.run.dir="
-               f"{Path(saved).parents[1]} ckpt_path=last" if saved else
-               "no checkpoint could be saved (callbacks.last_checkpoint is off)")
-        ) from None
+        raise Preempted(_sigterm_message(trainer)) from None
 
 
-def _saved_on_sigterm(trainer) -> str | None:
+def _sigterm_message(trainer) -> str:
+    """What a SIGTERM left behind: the checkpoint it saved, or the last one there is."""
     from hetero.callbacks.checkpoint import LastCheckpoint
 
-    for cb in trainer.callbacks:
-        if isinstance(cb, LastCheckpoint) and cb.last_reason == "SIGTERM":
-            return str(cb.path)
-    return None
+    where = f"Stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+    last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+    if last is None:
+        return where + "no checkpoint was saved (callbacks.last_checkpoint is off)"
+    resume = f"Resume with: python train.py hydra.run.dir={last.path.parents[1]} ckpt_path=last"
+    if last.last_reason == "SIGTERM":
+        return where + f"saved {last.path}. " + resume
+    if last.path.is_file():
+        return where + f"{last.path} holds the last completed epoch (this model saves at epoch ends only). " + resume
+    return where + "no epoch was completed, so there is no checkpoint to resume from"
 
 
 def _write_latents(cfg: DictConfig, model, datamodule, best: str | None, output_dir: Path) -> None:

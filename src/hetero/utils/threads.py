@@ -121,7 +121,8 @@ def configure_threads(threads: int | str | None = "auto", processes: int = 1) ->
     :param processes: training processes sharing this machine's usable CPUs (DDP ranks per
         node on CPU; 1 on GPU).
     :return: ``{"threads", "usable_cpus", "source", "processes"}`` for logging.
-    :raises ValueError: ``threads`` is neither ``"auto"``/``None`` nor a positive integer.
+    :raises ConfigError: (a ``ValueError``) ``threads`` is neither ``"auto"``/``None`` nor a
+        positive integer.
     """
     import torch
 
@@ -141,7 +142,9 @@ def configure_threads(threads: int | str | None = "auto", processes: int = 1) ->
         except (TypeError, ValueError):
             n = 0
         if n < 1 or str(threads).strip() != str(n):
-            raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+            from hetero.utils.errors import ConfigError
+
+            raise ConfigError(f"threads must be 'auto' or a positive integer, got threads={threads!r}")
         how = "set by threads="
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
