@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from datetime import date
@@ -71,6 +72,7 @@ def synthetic_dataset(overrides: list[str]):
 
 def run_hetero(name: str, common: list[str], workdir: Path, tag: str) -> dict:
     run_dir = workdir / f"{tag}-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (train.py refuses to reuse a run's folder)
     overrides = (OPUSDSD if name == "opusdsd" else HOMOGENEOUS) + common + [f"hydra.run.dir={run_dir}"]
     train_s, peak = run_measured([sys.executable, "train.py", *overrides], workdir / f"{tag}-{name}-train.log",
                                  cwd=REPO)

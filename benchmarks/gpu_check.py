@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,9 @@ MARK_END = "<!-- gpu-check:end -->"
 
 
 def _train(overrides: list[str], timeout: float, log: Path) -> tuple[int, float]:
+    for o in overrides:  # a fresh run each time: train.py refuses a new run in an old run's folder
+        if o.startswith("hydra.run.dir="):
+            shutil.rmtree(o.split("=", 1)[1], ignore_errors=True)
     cmd = [sys.executable, str(REPO / "train.py"), *overrides]
     start = time.perf_counter()
     with open(log, "w") as fh:

@@ -38,7 +38,9 @@ def test_fast_dev_run(tmp_path, model):
 
 
 def test_train_predict_and_resume(tmp_path):
-    cfg = compose_train(tmp_path, ["trainer.max_epochs=1", "predict=true"])
+    # best by a metric that never improves after epoch 0: last.ckpt must still follow every epoch
+    never = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    cfg = compose_train(tmp_path, ["trainer.max_epochs=1", "predict=true", *never])
     _, objects = train(cfg)
     steps_one_epoch = objects["trainer"].global_step
     ckpts = tmp_path / "checkpoints"
@@ -56,9 +58,12 @@ def test_train_predict_and_resume(tmp_path):
     assert z.shape == (400, 0)
     split = np.load(tmp_path / "split.npz")
 
-    cfg2 = compose_train(tmp_path, ["trainer.max_epochs=2", "ckpt_path=last"])
+    cfg2 = compose_train(tmp_path, ["trainer.max_epochs=2", "ckpt_path=last", *never])
     _, objects2 = train(cfg2)
     assert objects2["trainer"].global_step == 2 * steps_one_epoch
+    load = lambda name: torch.load(ckpts / f"{name}.ckpt", weights_only=True)  # noqa: E731
+    assert (load("best")["epoch"], load("last")["epoch"]) == (0, 1)
+    assert load("last")["global_step"] == 2 * steps_one_epoch
     split2 = np.load(tmp_path / "split.npz")
     for key in split.files:
         np.testing.assert_array_equal(split[key], split2[key])
@@ -114,7 +119,7 @@ def test_ddp_sim_keeps_the_memory_bank_identical_on_both_ranks(tmp_path):
 
 def test_multirun_subprocess(tmp_path):
     """A 2-job sweep through the real CLI."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m", "trainer=cpu", "trainer.fast_dev_run=true",
         "extras.print_config=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
