@@ -4,6 +4,7 @@ at the same step with its state restored exactly, and the predicted latents."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetero.models.dynamight import DynaMight
 from hetero.models.dynamight.half import HalfSetVAE
 from hetero.tasks.train import train
 from tests.helpers import compose_train
@@ -117,9 +119,16 @@ def test_half_sets_never_see_each_others_particles(tmp_path, monkeypatch):
         foreign = {i for i in seen[h] if halves[i] != h}
         assert foreign <= val, f"half set {h + 1} saw training particles of the other half"
         assert {i for i in seen[h] if i not in val} and foreign, "both passes must have run"
-    # The inference pass wrote a latent for every particle.
-    z = np.load(tmp_path / "latents" / "z_mu.npy")
+    # The manifest names DynaMight's steps and the latents of the kept checkpoint: a latent for
+    # every particle, validation particles encoded by both half sets' encoders.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["method"] == "dynamight"
+    assert manifest["analysis_steps"] == list(DynaMight.analysis_steps)
+    latents = tmp_path / manifest["parts"]["latents"]["path"]
+    z = np.load(latents / "z_mu.npy")
     assert z.shape == (160, 3) and np.all(np.isfinite(z))
+    for h in (1, 2):
+        assert np.all(np.isfinite(np.load(latents / f"z_mu_half{h}.npy")[sorted(val)]))
 
 
 def _with_callback(extra):

@@ -56,7 +56,11 @@ class DynaMight(HeteroModel):
     """DynaMight forward deformations; see the module docstring and ``conf/model/dynamight.yaml``
     for every parameter (names and defaults there are the documentation)."""
 
+    method = "dynamight"
     embedding_key = "z_mu"
+    #: ``pool_score`` holds ``inf`` ("no particle pooled yet") at every epoch start: not a NaN
+    #: the checkpoint callbacks should refuse (:mod:`hetero.callbacks.checkpoint`)
+    nonfinite_buffers = ("pool_score",)
     analysis_steps = (
         "hetero.models.dynamight.steps.pseudo_atoms",
         "hetero.models.dynamight.steps.deformations",
