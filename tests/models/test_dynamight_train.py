@@ -17,6 +17,7 @@ from hetero.models.dynamight.half import HalfSetVAE
 from hetero.tasks.train import train
 from tests.helpers import compose_train
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One torch thread: these runs are many small matrix products, and on a loaded 2-core
