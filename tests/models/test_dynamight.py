@@ -278,3 +278,20 @@ def test_shared_width_option():
     assert c.log_sigma.shape == (1,) and c.sigma_px().shape == (10,)
     assert torch.allclose(c.sigma_px(), torch.full((10,), 1.5))
     assert GaussianConsensus(10, 16, 4.0).log_sigma.shape == (10,)
+
+
+def test_the_documented_commands_compose(tmp_path):
+    """The issue's two commands: the built-in data with nothing else (consensus reconstructed
+    from the particles), and a user's refinement + consensus map on 4 GPUs with DDP, bf16."""
+    from tests.helpers import compose_train
+
+    cfg = compose_train(tmp_path, ["model=dynamight"])
+    assert cfg.model._target_ == "hetero.models.dynamight.DynaMight" and cfg.model.consensus_map is None
+    assert cfg.data.sampler == "random"  # shuffled batches, as the reference
+    cfg = compose_train(tmp_path, [
+        "model=dynamight", "data=custom", "data.particles=run_data.star",
+        "model.consensus_map=run_class001.mrc", "trainer=ddp", "trainer.devices=4"], tiny_synthetic=False)
+    assert cfg.model.consensus_map == "run_class001.mrc" and cfg.data.particles == "run_data.star"
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.precision) == ("ddp", 4, "bf16-mixed")
+    assert cfg.model.n_gaussians == 10000 and cfg.model.zdim == 6
+    assert cfg.loss.regularization_factor == 0.9 and cfg.model.scheduler is None
