@@ -3,10 +3,10 @@
 The data model is :class:`hetero.physics.reconstruction.BackprojectionAccumulator`'s, read off
 its geometry so that this code follows it whatever that grid is: each ``(D, D)`` image is
 zero-padded in real space to ``S = acc.ctf_size``, Fourier transformed, moved by its origin,
-multiplied by its CTF evaluated on ``S`` (the caller evaluates it there) and inserted with the
-accumulator's trilinear weights (:func:`hetero.physics.projection._trilinear_corners`, the
-adjoint of its slicing) at ``A.T k * P / S`` into the ``P^3`` grid, ``P = acc.padded_size``;
-``CTF^2`` goes into the weights. For ``K = 1`` and unit weights the sums equal
+multiplied by its CTF evaluated on ``S`` (the caller evaluates it there) and inserted with
+trilinear weights (those of :func:`hetero.physics.projection.insert_slices`, the adjoint of its
+slicing: out-of-grid corners dropped) at ``A.T k * P / S`` into the ``P^3`` grid,
+``P = acc.padded_size``; ``CTF^2`` goes into the weights. For ``K = 1`` and unit weights the sums equal
 ``acc.add`` exactly (tested). What differs is the bookkeeping: the spectra, CTF and
 interpolation corners of a batch are computed once and scattered into every class of every
 replicate with its own posterior weight, in one ``index_add_`` per chunk, and only samples
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hetero.physics.fourier import fft2_centered, phase_ramp_2d
-from hetero.physics.projection import _trilinear_corners, centered_grid_2d
+from hetero.physics.projection import centered_grid_2d
 from hetero.physics.reconstruction import BackprojectionAccumulator
 
 
@@ -40,6 +40,24 @@ class InsertionData:
     w: Tensor
     data: Tensor
     ctf2: Tensor
+
+
+#: The eight trilinear corner offsets (x, y, z).
+_CORNERS = [[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+
+def trilinear_corners(coords: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Flat indices and weights ``(..., 8)`` of the trilinear neighbours of ``coords``
+    ``(..., 3)`` ((x, y, z) grid indices) in a ``size^3`` array ``[z, y, x]``; corners outside
+    the grid get index 0 and weight 0 (as in :func:`hetero.physics.projection.insert_slices`)."""
+    base = torch.floor(coords)
+    frac = coords - base
+    offsets = torch.tensor(_CORNERS, device=coords.device)
+    c = base.long()[..., None, :] + offsets                                   # (..., 8, 3)
+    w = torch.where(offsets.bool(), frac[..., None, :], 1 - frac[..., None, :]).prod(-1)
+    inside = ((c >= 0) & (c < size)).all(-1)
+    idx = (c[..., 2] * size + c[..., 1]) * size + c[..., 0]
+    return torch.where(inside, idx, 0), torch.where(inside, w, 0)
 
 
 def _sample_indices(size: int, scale: float, radius: float, device) -> tuple[Tensor, Tensor]:
@@ -87,7 +105,7 @@ def insertion_data(
     w = torch.ones_like(f.real) if ctf is None else ctf.to(dtype).reshape(ctf.shape[0], -1)[:, keep]
     k3 = torch.cat([k2, torch.zeros_like(k2[:, :1])], -1).to(dtype)
     coords = torch.einsum("mi,bij->bmj", k3, rotations.to(dtype)) * scale + p // 2
-    idx, wts = _trilinear_corners(coords, p)
+    idx, wts = trilinear_corners(coords, p)
     return InsertionData(idx, wts, f * w, w * w)
 
 

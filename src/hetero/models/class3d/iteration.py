@@ -131,7 +131,7 @@ def initial_references(
         else:
             fsc_c = half_set_fsc(stats.half(u, 0, True), stats.half(u, 1, True), r0)
             dv = cfg.tau2_fudge * whole_map_ssnr(fsc_c) if cfg.do_map else None
-            gen = _generator(cfg.seed, u)
+            gen = _generator(cfg.seed + u)   # replicate u is a run with seed + u
             for k in range(k_count):
                 maps[u, k] = perturb(consensus, gen, cfg.init_perturbation)
                 resolution[u, k] = fsc_resolution(fsc_c.float(), d, cfg.apix, threshold=0.143)
@@ -207,7 +207,7 @@ def _reseed_empty(refs: References, weight: Tensor, cfg: Settings, iteration: in
             donor = int(torch.argmax(refs.prior[u]))
             if donor in empty or refs.prior[u, donor] <= 0:
                 continue
-            gen = _generator(cfg.seed, u, iteration, k)
+            gen = _generator(cfg.seed + u, iteration, k)
             refs.maps[u, k] = perturb(refs.maps[u, donor], gen, cfg.init_perturbation)
             refs.prior[u, donor] /= 2
             refs.prior[u, k] = refs.prior[u, donor]

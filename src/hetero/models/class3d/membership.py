@@ -56,8 +56,10 @@ def build_membership(
         return torch.ones(n, u, dtype=torch.bool)
     if isinstance(subsets, str | Path):
         subsets = _read_subsets(Path(subsets), n)
-    if isinstance(subsets, np.ndarray | Tensor) and subsets.dtype in (np.bool_, torch.bool):
-        member = torch.as_tensor(np.asarray(subsets), dtype=torch.bool)
+    if isinstance(subsets, Tensor):
+        subsets = subsets.detach().cpu().numpy()
+    if isinstance(subsets, np.ndarray) and subsets.dtype == np.bool_:
+        member = torch.from_numpy(subsets.copy())
         if member.dim() != 2 or member.shape[0] != n:
             raise ValueError(
                 f"model.subsets: a boolean membership matrix must be (N, U) = ({n}, U), "

@@ -33,8 +33,8 @@ zeros for replicates a particle is not in), ``class_number`` (argmax class of re
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -120,10 +120,9 @@ class Class3D(HeteroModel):
         if n_particles is None:
             raise ValueError("Class3D needs n_particles (the data module's info())")
         member = build_membership(int(n_particles), int(n_replicates), subsets)
-        keep = {k: v for k, v in locals().items() if isinstance(v, int | float | bool | str | type(None))
-                and k not in ("self", "__class__")}
-        keep["subsets"] = subsets if isinstance(subsets, str) else None
-        self.save_hyperparameters({**keep, **self.data_info})
+        self.save_hyperparameters(ignore=["subsets", "optimizer", "scheduler"])
+        # A subsets file is recorded; index arrays given in code live in the membership buffer.
+        self.hparams["subsets"] = str(subsets) if isinstance(subsets, str | Path) else None
         d, u, k = self.box_size, member.shape[1], int(n_classes)
         self.n_classes, self.n_replicates = k, u
         self.n_iterations = int(n_iterations)
@@ -176,13 +175,6 @@ class Class3D(HeteroModel):
 
     def configure_optimizers(self):
         return None
-
-    def extra_outputs(self) -> dict[str, np.ndarray]:
-        """Per-iteration history and the final state, written next to the per-particle outputs."""
-        out = {name.removeprefix("hist_"): getattr(self, name).cpu().numpy() for name in HISTORY}
-        out.update(class_prior=self.prior.cpu().numpy(), membership=self.membership.cpu().numpy(),
-                   sigma2=self.sigma2.cpu().numpy(), current_radius=self.radius.cpu().numpy())
-        return out
 
     # ------------------------------------------------------------------ E-step state
     def _expectation_state(self) -> tuple[ExpectationState, Tensor]:

@@ -74,16 +74,16 @@ def half_set_fsc(
     half1: BackprojectionAccumulator, half2: BackprojectionAccumulator, r_max: int, min_weight: float = 1e-3
 ) -> Tensor:
     """FSC per shell ``(D // 2 + 1,)`` between the unregularised half-set reconstructions
-    ``numerator / weight`` on the padded grid (voxels whose weights in both halves exceed
-    ``min_weight`` times the median; shells beyond ``r_max`` are 0, shell 0 is 1)."""
+    ``numerator / weight`` on the padded grid (voxels within ``r_max`` whose weights in both
+    halves exceed ``min_weight`` times their median; shells beyond ``r_max`` are 0, shell 0 is 1)."""
     n_shells = half1.box_size // 2 + 1
     idx = padded_shells(half1).clamp(max=n_shells - 1).long().flatten()
     w1, w2 = half1.weight.flatten(), half2.weight.flatten()
-    pos = (w1 > 0) & (w2 > 0)
+    pos = (w1 > 0) & (w2 > 0) & (idx <= int(r_max))
     if not bool(pos.any()):
         return torch.zeros(n_shells, dtype=torch.float64, device=w1.device)
     floor = min_weight * torch.median(torch.cat([w1[pos], w2[pos]]))
-    sel = (w1 > floor) & (w2 > floor) & (idx <= int(r_max))
+    sel = pos & (w1 > floor) & (w2 > floor)
     a = half1.numerator.flatten() / w1.clamp(min=1e-30)
     b = half2.numerator.flatten() / w2.clamp(min=1e-30)
     cross = _shell_sum((a * b.conj()).real, idx, sel, n_shells)
