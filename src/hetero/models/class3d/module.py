@@ -114,8 +114,8 @@ class Class3D(HeteroModel):
             raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
         if accumulator_dtype not in ("float32", "float64"):
             raise ValueError(f"model.accumulator_dtype must be float32 or float64, got {accumulator_dtype!r}")
-        if tau2_fudge <= 0 or int(n_classes) < 1:
-            raise ValueError("model.tau2_fudge must be > 0 and model.n_classes >= 1")
+        if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
+            raise ValueError("model.tau2_fudge must be > 0 and model.n_classes in 1..127")
         n_particles = data_info.get("n_particles")
         if n_particles is None:
             raise ValueError("Class3D needs n_particles (the data module's info())")
@@ -144,7 +144,8 @@ class Class3D(HeteroModel):
         self.register_buffer("data_vs_prior", torch.zeros(u, k, n_shells, dtype=torch.float64))
         self.register_buffer("iteration", torch.tensor(0, dtype=torch.long))
         self.register_buffer("membership", member)
-        self.register_buffer("assignment", torch.full(member.shape, -1, dtype=torch.int16))
+        # int8: N x U bytes, and a dtype every torch.distributed backend moves (gloo has no int16)
+        self.register_buffer("assignment", torch.full(member.shape, -1, dtype=torch.int8))
         for name, shape in zip(HISTORY, ((u, k), (u, k), (u, k), (u,), (u,), (u,), (u,)), strict=True):
             self.register_buffer(name, torch.zeros(0, *shape, dtype=torch.float64))
         self.register_buffer("image_mask", self.solvent.image_mask(), persistent=False)
@@ -157,7 +158,7 @@ class Class3D(HeteroModel):
         self._pending = False
         self._new_assignment: Tensor | None = None
         self._epoch_logs: dict[str, float] = {}
-        self._train_nll: list[Tensor] = []
+        self._seen: Tensor | None = None
         self._val_seen = False
 
     # ------------------------------------------------------------------ interface
@@ -220,12 +221,14 @@ class Class3D(HeteroModel):
             self.device, consensus=first, n_mean_points=len(self.points) if first else 0,
             dtype=self.accumulator_dtype)
         self._new_assignment = torch.full_like(self.assignment, -1)
-        self._train_nll, self._val_seen = [], False
+        self._seen = torch.zeros(self.membership.shape[0], dtype=torch.int32, device=self.device)
+        self._val_seen = False
         self._pending = False
 
     @torch.no_grad()
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         stats = self._stats
+        self._seen.index_add_(0, batch["index"], torch.ones_like(batch["index"], dtype=torch.int32))
         with torch.autocast(self.device.type, enabled=False):
             ctf = (ctf_table_compute(batch["ctf"].float(), stats.ctf_size, batch["apix"].float())
                    if has_ctf(batch["ctf"]) else None)
@@ -264,7 +267,7 @@ class Class3D(HeteroModel):
         stats.add("nll_per_pixel", pu, -out["loglik"] / n_pixels[pu])
         stats.add("pmax", pu, post.max(-1).values)
         stats.add("changes", pu, ((old >= 0) & (old != best)).double())
-        self._new_assignment[index[pi], pu] = best.to(torch.int16)
+        self._new_assignment[index[pi], pu] = best.to(torch.int8)
 
     def _seeding_step(self, batch, data) -> None:
         """First iteration: consensus (and random-subset) backprojections and image power."""
@@ -296,8 +299,8 @@ class Class3D(HeteroModel):
         logs = dict(self._epoch_logs)
         if not self._val_seen:
             logs["val/loss"] = logs.get("train/nll_per_pixel", math.inf)
-        for name, value in logs.items():
-            self.log(name, float(value), prog_bar=name in ("val/loss", "train/changes"))
+        for name, value in logs.items():  # identical on every rank (reduced statistics)
+            self.log(name, float(value), prog_bar=name in ("val/loss", "train/changes"), sync_dist=True)
 
     @torch.no_grad()
     def _maximize(self) -> None:
@@ -306,6 +309,7 @@ class Class3D(HeteroModel):
         self._pending = False
         stats, it = self._stats, int(self.iteration)
         stats.all_reduce()
+        self._check_each_particle_once()
         self._merge_assignments()
         npix = self.points.npix.to(self.device)
         if it == 0:
@@ -327,12 +331,24 @@ class Class3D(HeteroModel):
         for message in refs.messages:
             log.info(message)
 
+    def _check_each_particle_once(self) -> None:
+        """EM sums must count every particle once: refuse an epoch that repeated some (a sampler
+        padding DDP shards, e.g. data/sampler=random with trainer.devices > 1)."""
+        seen = self._seen
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(seen)
+        if bool((seen > 1).any()):
+            raise RuntimeError(
+                f"class3d: {int((seen > 1).sum())} particles were read more than once in one epoch "
+                f"(data.sampler={getattr(getattr(self._trainer, 'datamodule', None), 'sampler', '?')} pads DDP shards by "
+                "repeating batches), which would count them twice in the EM sums: use "
+                "data/sampler=sequential (the default of model=class3d)"
+            )
+
     def _merge_assignments(self) -> None:
         new = self._new_assignment
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            merged = new.int()
-            torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
-            new = merged.to(torch.int16)
+            torch.distributed.all_reduce(new, op=torch.distributed.ReduceOp.MAX)
         self.assignment.copy_(torch.where(new >= 0, new, self.assignment))
 
     def _record(self, stats: IterationStatistics, refs, it: int) -> None:
