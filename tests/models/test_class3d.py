@@ -160,7 +160,7 @@ def _half_accumulators(d: int, n: int, noise: float, seed: int = 0):
 def test_half_set_fsc_measures_the_signal():
     d = 12
     (h1, h2), _ = _half_accumulators(d, 80, noise=0.0)
-    assert torch.all(half_set_fsc(h1, h2, d // 2)[1 : d // 2] > 0.9)   # interpolation limits it
+    assert torch.all(half_set_fsc(h1, h2, d // 2)[1 : d // 2] > 0.93)   # interpolation limits it
     (h1, h2), _ = _half_accumulators(d, 80, noise=50.0)
     fsc = half_set_fsc(h1, h2, d // 2)
     assert float(fsc[0]) == 1.0 and float(fsc[1:].abs().max()) < 0.5

@@ -1,16 +1,18 @@
 """Posterior-weighted backprojection of one batch into many class accumulators at once.
 
-The data model is :class:`hetero.physics.reconstruction.BackprojectionAccumulator`'s, read off
-its geometry so that this code follows it whatever that grid is: each ``(D, D)`` image is
-zero-padded in real space to ``S = acc.ctf_size``, Fourier transformed, moved by its origin,
-multiplied by its CTF evaluated on ``S`` (the caller evaluates it there) and inserted with
-trilinear weights (those of :func:`hetero.physics.projection.insert_slices`, the adjoint of its
-slicing: out-of-grid corners dropped) at ``A.T k * P / S`` into the ``P^3`` grid,
-``P = acc.padded_size``; ``CTF^2`` goes into the weights. For ``K = 1`` and unit weights the sums equal
-``acc.add`` exactly (tested). What differs is the bookkeeping: the spectra, CTF and
-interpolation corners of a batch are computed once and scattered into every class of every
-replicate with its own posterior weight, in one ``index_add_`` per chunk, and only samples
-within the current size (plus the interpolation reach) are inserted, as RELION does.
+The data model is :class:`hetero.physics.reconstruction.BackprojectionAccumulator`'s (RELION's
+``backproject2Dto3D``), read off its geometry so that this code follows it: the ``D x D``
+spectrum of each image (not padded), moved by its origin, is multiplied by its CTF on the image
+grid (``acc.ctf_size``) and inserted with trilinear weights (the shared
+:func:`hetero.physics.projection._trilinear_corners`, out-of-grid corners dropped) at
+``pad_factor * A.T k`` into the ``P^3`` grid, ``P = acc.padded_size``; only the half plane the
+accumulator inserts (``|k| < D / 2``, ``kx > 0`` or ``kx = 0, ky >= 0``, ``k = 0`` at half
+weight) goes in, its Hermitian mirror being added in ``reconstruct``; ``CTF^2`` goes into the
+weights. For ``K = 1`` and unit weights the sums equal ``acc.add`` exactly (tested). What
+differs is the bookkeeping: the spectra, CTF and interpolation corners of a batch are computed
+once and scattered into every class of every replicate with its own posterior weight, in one
+``index_add_`` per chunk, and only samples within the current size (plus the interpolation
+reach) are inserted, as RELION does.
 
 Example usage::
 
@@ -23,49 +25,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hetero.physics.fourier import fft2_centered, phase_ramp_2d
-from hetero.physics.projection import centered_grid_2d
-from hetero.physics.reconstruction import BackprojectionAccumulator
+from hetero.physics.projection import _trilinear_corners, centered_grid_2d
+from hetero.physics.reconstruction import BackprojectionAccumulator, _half_plane
 
 
 @dataclass
 class InsertionData:
     """One batch, ready to scatter: ``idx, w (B, M, 8)`` corners in the ``P^3`` grid,
-    ``data (B, M)`` complex ``CTF * X`` and ``ctf2 (B, M)`` at the ``M`` inserted samples."""
+    ``data (B, M)`` complex ``CTF * X`` and ``ctf2 (B, M)`` at the ``M`` inserted samples
+    (both including the half-plane multiplicity)."""
 
     idx: Tensor
     w: Tensor
     data: Tensor
     ctf2: Tensor
-
-
-#: The eight trilinear corner offsets (x, y, z).
-_CORNERS = [[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
-
-
-def trilinear_corners(coords: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Flat indices and weights ``(..., 8)`` of the trilinear neighbours of ``coords``
-    ``(..., 3)`` ((x, y, z) grid indices) in a ``size^3`` array ``[z, y, x]``; corners outside
-    the grid get index 0 and weight 0 (as in :func:`hetero.physics.projection.insert_slices`)."""
-    base = torch.floor(coords)
-    frac = coords - base
-    offsets = torch.tensor(_CORNERS, device=coords.device)
-    c = base.long()[..., None, :] + offsets                                   # (..., 8, 3)
-    w = torch.where(offsets.bool(), frac[..., None, :], 1 - frac[..., None, :]).prod(-1)
-    inside = ((c >= 0) & (c < size)).all(-1)
-    idx = (c[..., 2] * size + c[..., 1]) * size + c[..., 0]
-    return torch.where(inside, idx, 0), torch.where(inside, w, 0)
-
-
-def _sample_indices(size: int, scale: float, radius: float, device) -> tuple[Tensor, Tensor]:
-    """Flat indices and ``(kx, ky)`` of the ``size^2`` centred samples whose position in the
-    padded grid, ``|k| * scale``, is within ``radius``."""
-    k = centered_grid_2d(size, device=device, dtype=torch.float64)
-    keep = torch.nonzero(((k**2).sum(-1).sqrt() * scale <= radius).flatten()).squeeze(1)
-    return keep, k.reshape(-1, 2)[keep]
 
 
 def insertion_data(
@@ -80,9 +56,10 @@ def insertion_data(
 
     :param images: ``(B, D, D)``. :param rotations: ``(B, 3, 3)``.
     :param shifts_px: ``(B, 2)`` forward translation ``-origin`` (pixels of ``D``) or ``None``.
-    :param ctf: ``(B, S, S)`` on ``acc.ctf_size`` or ``None`` (CTF = 1).
+    :param ctf: ``(B, D, D)`` centred, on ``acc.ctf_size`` (the image grid), or ``None`` (CTF = 1).
     :param r_max: radius in shells of ``D`` beyond which the maps are not reconstructed (samples
         that cannot reach a voxel within it are skipped); ``None``: all samples.
+    :raises ValueError: images or CTF of the wrong size.
     """
     dtype = acc.weight.dtype
     d, s, p = acc.box_size, acc.ctf_size, acc.padded_size
@@ -90,23 +67,25 @@ def insertion_data(
         raise ValueError(f"images must be (B, {d}, {d}), got {tuple(images.shape)}")
     if ctf is not None and ctf.shape[-2:] != (s, s):
         raise ValueError(f"ctf must be evaluated on acc.ctf_size = {s}, got {tuple(ctf.shape)}")
-    padded = images.to(dtype)
-    if s != d:
-        o = s // 2 - d // 2
-        padded = F.pad(padded, (o, s - d - o, o, s - d - o))
-    f = fft2_centered(padded)
+    points, mult = _half_plane(d, device=images.device)
+    k = centered_grid_2d(d, device=images.device, dtype=dtype).reshape(-1, 2)[points]   # (M, 2) (kx, ky)
+    scale = p / d
+    if r_max is not None:
+        # Samples beyond the reconstructed radius reach voxels inside it by at most sqrt(3) voxels.
+        inside = (k**2).sum(-1).sqrt() * scale <= (float(r_max) + 0.5) * scale + 2.0
+        points, mult, k = points[inside], mult[inside], k[inside]
+    f = fft2_centered(images.to(dtype))
     if shifts_px is not None:
-        f = f * phase_ramp_2d(-shifts_px.to(dtype), s)
-    scale = p / s
-    # Samples beyond the reconstructed radius reach voxels inside it by at most sqrt(3) voxels.
-    radius = (float(r_max) + 0.5) * p / d + 2.0 if r_max is not None else float("inf")
-    keep, k2 = _sample_indices(s, scale, radius, images.device)
-    f = f.reshape(f.shape[0], -1)[:, keep]
-    w = torch.ones_like(f.real) if ctf is None else ctf.to(dtype).reshape(ctf.shape[0], -1)[:, keep]
-    k3 = torch.cat([k2, torch.zeros_like(k2[:, :1])], -1).to(dtype)
+        f = f * phase_ramp_2d(-shifts_px.to(dtype), d)
+    f = f.reshape(f.shape[0], -1)[:, points]
+    mult = mult.to(dtype)
+    c = None if ctf is None else ctf.to(dtype).reshape(ctf.shape[0], -1)[:, points]
+    values = f * mult if c is None else f * (c * mult)
+    w2 = mult.expand(f.shape[0], -1) if c is None else c * c * mult
+    k3 = torch.cat([k, torch.zeros_like(k[:, :1])], -1)
     coords = torch.einsum("mi,bij->bmj", k3, rotations.to(dtype)) * scale + p // 2
-    idx, wts = trilinear_corners(coords, p)
-    return InsertionData(idx, wts, f * w, w * w)
+    idx, wts = _trilinear_corners(coords, p)
+    return InsertionData(idx, wts, values, w2)
 
 
 def scatter(

@@ -26,6 +26,7 @@ from hetero.models.class3d.mstep import (
     class_priors,
     current_radius,
     half_set_fsc,
+    reconstructed_radius,
     lowpass,
     noise_spectrum,
     perturb,
@@ -115,7 +116,8 @@ def initial_references(
     resolution = torch.full((u_count, k_count), float("nan"), dtype=torch.float64)
     for u in range(u_count):
         # RELION's reference: the consensus, low-passed to ini_high.
-        consensus = flatten(stats.accumulator(u, consensus=True).reconstruct().float())
+        acc = stats.accumulator(u, consensus=True)
+        consensus = flatten(acc.reconstruct(r_max=reconstructed_radius(acc, r0)).float())
         if cfg.ini_high > 0:
             consensus = lowpass(consensus, cfg.shell(cfg.ini_high))
         if cfg.init == "random_subsets":

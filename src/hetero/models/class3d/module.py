@@ -69,11 +69,18 @@ class Class3D(HeteroModel):
     """Maximum-likelihood 3D classification (see the module docstring and the config file
     ``conf/model/class3d.yaml`` for every option and its RELION name)."""
 
+    method = "class3d"
     embedding_name = "posterior"
     embedding_key = "posterior"
     labels_key = "class_number"
     label_name = "class"
     can_decode = False
+    #: The EM sufficient statistics of the running iteration live in plain attributes (the
+    #: posterior-weighted backprojections are U x K x 2 padded volumes): a checkpoint is only
+    #: consistent at an epoch (iteration) end, so ``last.ckpt`` is written only there.
+    mid_epoch_checkpoints = False
+    #: The history holds NaN where a value does not exist (no E-step in the seeding iteration).
+    nonfinite_buffers = HISTORY
 
     def __init__(
         self,
@@ -165,11 +172,6 @@ class Class3D(HeteroModel):
     def state_maps(self) -> Tensor:
         """``(U * K, D, D, D)`` class maps, replicate-major, voxel size :meth:`template_voxel_size`."""
         return self.maps.detach().reshape(-1, *self.maps.shape[-3:]).float().cpu()
-
-    def manifest(self) -> dict:
-        """Run-manifest entry (analysis contract): method name, generic loader, no extra steps."""
-        return {"method": "class3d", "result_loader": "hetero.analysis.result.load_model_result",
-                "analysis_steps": []}
 
     def decode(self, z: Tensor) -> Tensor:
         raise NotImplementedError("class3d has no decoder: its maps are state_maps()")
