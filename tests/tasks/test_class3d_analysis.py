@@ -9,6 +9,7 @@ import json
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -84,5 +85,11 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     for k in range(2):
         assert (out / "subsets" / f"class_{k:03d}.star").is_file()
     assert metrics["subsets"][f"class_{0:03d}"] + metrics["subsets"][f"class_{1:03d}"] == 400
+    # The method's own step: RELION-style star file with rlnClassNumber, per-iteration history.
+    star = starfile.read(out / "class3d" / "particles.star")["particles"]
+    assert len(star) == 400 and np.array_equal(star["rlnClassNumber"].to_numpy(), classes + 1)
+    assert np.all(star["rlnMaxValueProbDistribution"].to_numpy() >= 0.5)
+    history = (out / "class3d" / "iterations.csv").read_text().splitlines()
+    assert len(history) == 1 + 5 and history[0].startswith("iteration,current_resolution")
     report = (out / "report.html").read_text()
-    assert "the method&#x27;s own class assignment" in report or "own class assignment" in report
+    assert "<h2>Classification</h2>" in report and "own class assignment" in report

@@ -79,6 +79,7 @@ class Class3D(HeteroModel):
     #: posterior-weighted backprojections are U x K x 2 padded volumes): a checkpoint is only
     #: consistent at an epoch (iteration) end, so ``last.ckpt`` is written only there.
     mid_epoch_checkpoints = False
+    analysis_steps = ("hetero.analysis.steps.class3d.class3d",)
     #: The history holds NaN where a value does not exist (no E-step in the seeding iteration).
     nonfinite_buffers = HISTORY
 
