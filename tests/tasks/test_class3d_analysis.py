@@ -63,11 +63,11 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     # Posteriors as the embedding (k-means) and argmax class as the method's labels.
     assert gt["k_true"] == 2 and gt["ari"] >= 0.95 and gt["method_ari"] >= 0.95, gt
     assert gt["method_ari"] == pytest.approx(adjusted_rand_score(truth, classes))
-    # The class maps themselves (state maps on the training box, with its voxel size).
+    # The class maps themselves (state maps with their voxel size, resampled to the original box).
     maps = sorted((out / "maps" / "method").glob("class_*.mrc"))
     assert [p.name for p in maps] == ["class_000.mrc", "class_001.mrc"]
     with mrcfile.open(maps[0]) as mrc:
-        assert mrc.data.shape == (24,) * 3 and mrc.voxel_size.x == pytest.approx(5.0 * 32 / 24)
+        assert mrc.data.shape == (32,) * 3 and mrc.voxel_size.x == pytest.approx(5.0)
     # Per-class reconstructions at the original box (32 px, 5 Å) with half maps and FSC.
     rec = out / "maps" / "reconstructed" / "method_class"
     for k in range(2):
@@ -78,9 +78,11 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     rows = metrics["reconstructed"]["method_class"]
     assert sorted(r["particles"] for r in rows) == sorted(np.bincount(classes).tolist())
     assert all(r["res_0.143_unmasked"] < 40.0 for r in rows), rows
-    # Each true state's majority class is reconstructed closer to it than the consensus.
+    # Each true state's majority class is reconstructed closer to it than the consensus, as
+    # close as from exactly its own particles.
     scored = gt["reconstructed"]
-    assert "method_class" in scored and "consensus" in scored, scored.keys()
+    assert scored["method_class"]["auc_mean"] > scored["consensus"]["auc_mean"]
+    assert scored["method_class"]["auc_mean"] == pytest.approx(scored["truth_states"]["auc_mean"], abs=0.005)
     # Subsets per class and the report.
     for k in range(2):
         assert (out / "subsets" / f"class_{k:03d}.star").is_file()
