@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from hydra.utils import instantiate
 

@@ -26,10 +26,10 @@ from hetero.models.class3d.mstep import (
     class_priors,
     current_radius,
     half_set_fsc,
-    reconstructed_radius,
     lowpass,
     noise_spectrum,
     perturb,
+    reconstructed_radius,
     regularised_reconstruct,
     whole_map_ssnr,
 )
