@@ -227,8 +227,11 @@ def string_method(
         # reparametrisation at equal arc length (eq. 9)
         seg = moved[:, 1:] - moved[:, :-1]
         np.cumsum(np.hypot(seg[0], seg[1]), out=arc[1:])
-        arc /= arc[-1]
-        new = np.stack([np.interp(grid, arc, moved[0]), np.interp(grid, arc, moved[1])])
+        if arc[-1] > 0:
+            arc /= arc[-1]
+            new = np.stack([np.interp(grid, arc, moved[0]), np.interp(grid, arc, moved[1])])
+        else:  # every image at one point (e.g. pressed into a corner of the hull)
+            new = moved
         delta = new - q
         change = (math.sqrt(delta[0] @ delta[0]) + math.sqrt(delta[1] @ delta[1])) / n
         q = new
