@@ -136,7 +136,8 @@ def tsne(
         metric="precomputed",
         random_state=int(seed),
     )
-    return model.fit_transform(np.asarray(sq_distances, dtype=np.float64)).astype(np.float64)
+    # a copy: scikit-learn's exact method modifies precomputed distances in place
+    return model.fit_transform(np.array(sq_distances, dtype=np.float64)).astype(np.float64)
 
 
 def umap(
