@@ -131,6 +131,8 @@ class VolumeDataModule(L.LightningDataModule):
     :param split_seed: seed of that split.
     :param mask: optional focus mask (MRC path or ``(D, D, D)`` array) applied first.
     :param num_workers: data-loader workers.
+    :param indices: use only these volumes of the source (``batch["index"]`` stays the
+        source's row); default all.
     """
 
     def __init__(
@@ -141,8 +143,10 @@ class VolumeDataModule(L.LightningDataModule):
         split_seed: int = 0,
         mask=None,
         num_workers: int = 0,
+        indices=None,
     ) -> None:
         super().__init__()
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.volumes = volumes
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
@@ -155,14 +159,16 @@ class VolumeDataModule(L.LightningDataModule):
         if self.source is not None:
             return
         self.source = VolumeSource(self.volumes)
-        n = len(self.source)
+        if self.indices is None:
+            self.indices = np.arange(len(self.source))
+        n = len(self.indices)
         if n < 2:
             raise ValueError(f"volumes: need at least 2 volumes for a validation split, got {n}")
         self.mask = self._load_mask()
         n_val = min(n - 1, max(1, int(round(n * self.val_fraction))))
         order = np.random.default_rng(self.split_seed).permutation(n)
-        self.val_indices = np.sort(order[:n_val])
-        self.train_indices = np.sort(order[n_val:])
+        self.val_indices = np.sort(self.indices[order[:n_val]])
+        self.train_indices = np.sort(self.indices[order[n_val:]])
 
     def _load_mask(self) -> np.ndarray | None:
         if self.mask_spec is None:
@@ -181,7 +187,7 @@ class VolumeDataModule(L.LightningDataModule):
     def info(self) -> dict:
         self.setup()
         return {
-            "n_volumes": len(self.source),
+            "n_volumes": len(self.indices),
             "box_size": self.source.box_size,
             "n_train": len(self.train_indices),
             "n_val": len(self.val_indices),
@@ -217,7 +223,7 @@ class VolumeDataModule(L.LightningDataModule):
         return DataLoader(data, self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        """Every volume in order (not sharded)."""
+        """Every volume (of ``indices``) in order (not sharded)."""
         self.setup()
-        data = VolumeDataset(self.source, np.arange(len(self.source)), self.mask)
+        data = VolumeDataset(self.source, self.indices, self.mask)
         return DataLoader(data, self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -40,14 +40,18 @@ def _gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
     return np.maximum(d2, 0.0)
 
 
-def volume_sq_distances(volumes, mask: np.ndarray | None = None, slab_bytes: int = 256 << 20) -> np.ndarray:
+def volume_sq_distances(
+    volumes, mask: np.ndarray | None = None, slab_bytes: int = 256 << 20, indices: np.ndarray | None = None
+) -> np.ndarray:
     """Squared distances between the z-scored volumes (each over its own voxels).
 
     :param volumes: ``(V, D, D, D)`` array or memory map (read in z-slabs).
     :param mask: optional ``(D, D, D)`` focus mask multiplied in before z-scoring.
-    :return: ``(V, V)`` float64.
+    :param indices: use only these volumes (rows of the result in this order).
+    :return: ``(V', V')`` float64.
     """
-    n, d = volumes.shape[0], volumes.shape[1]
+    rows = np.arange(volumes.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
+    n, d = len(rows), volumes.shape[1]
     mean = np.zeros(n)
     sq = np.zeros(n)
     count = float(d**3)
@@ -55,7 +59,7 @@ def volume_sq_distances(volumes, mask: np.ndarray | None = None, slab_bytes: int
     slabs = [(z, min(d, z + planes)) for z in range(0, d, planes)]
 
     def slab(z0, z1):
-        x = np.asarray(volumes[:, z0:z1], dtype=np.float64).reshape(n, -1)
+        x = np.asarray(volumes[rows, z0:z1], dtype=np.float64).reshape(n, -1)
         if mask is not None:
             x = x * np.asarray(mask[z0:z1], dtype=np.float64).reshape(1, -1)
         return x
@@ -81,17 +85,19 @@ def volume_distances(
     feature_weight: float = 1.0,
     standardize_features: bool = True,
     mask: np.ndarray | None = None,
+    volume_indices: np.ndarray | None = None,
 ) -> np.ndarray:
     """Squared distances of ``[volume_weight * zscored volume, feature_weight * features]``.
 
     :param volumes: ``(V, D, D, D)`` (memory map is fine); ``None`` or weight 0 to skip.
     :param features: ``(V, F)`` autoencoder features, or ``None`` (volumes only).
     :param standardize_features: z-score each feature across volumes (paper eq. 4).
+    :param volume_indices: the volumes (rows of ``volumes``) matching the rows of ``features``.
     :return: ``(V, V)`` float64.
     """
     parts = []
     if volumes is not None and volume_weight:
-        parts.append(volume_weight**2 * volume_sq_distances(volumes, mask))
+        parts.append(volume_weight**2 * volume_sq_distances(volumes, mask, indices=volume_indices))
     if features is not None and feature_weight:
         f = standardize_columns(features) if standardize_features else np.asarray(features, np.float64)
         parts.append(feature_weight**2 * _gram_to_sq_distances(f @ f.T))

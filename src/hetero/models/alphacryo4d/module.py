@@ -111,12 +111,14 @@ class VolumeAutoencoder(L.LightningModule):
 
 @torch.no_grad()
 def extract_features(
-    model: VolumeAutoencoder, dataloader, device: torch.device | str | None = None
+    model: VolumeAutoencoder, dataloader, device: torch.device | str | None = None, n_volumes: int | None = None
 ) -> np.ndarray:
     """Feature map of every volume from ``model``'s encoder in eval mode.
 
-    :return: ``(V, F)`` float32, row ``i`` = volume ``batch["index"] == i``.
-    :raises ValueError: the loader does not cover volumes ``0..V-1`` exactly once.
+    :param n_volumes: rows of the output (default: largest ``batch["index"]`` + 1).
+    :return: ``(V, F)`` float32, row ``i`` = the volume with ``batch["index"] == i`` (rows the
+        loader does not cover are NaN).
+    :raises ValueError: the loader yields a volume twice.
     """
     device = torch.device(device or "cpu")
     was_training = model.training
@@ -127,8 +129,9 @@ def extract_features(
         feats.append(model.features(batch["volume"].to(device)).cpu().numpy())
     model.train(was_training)
     index = np.concatenate(rows)
-    if not np.array_equal(np.sort(index), np.arange(len(index))):
-        raise ValueError("extract_features: the loader must yield every volume exactly once")
-    out = np.empty((len(index), feats[0].shape[1]), dtype=np.float32)
+    if len(np.unique(index)) != len(index):
+        raise ValueError("extract_features: the loader yielded a volume twice")
+    n = int(index.max()) + 1 if n_volumes is None else int(n_volumes)
+    out = np.full((n, feats[0].shape[1]), np.nan, dtype=np.float32)
     out[index] = np.concatenate(feats)
     return out

@@ -1,0 +1,157 @@
+"""The AlphaCryo4D task end to end on volumes given as files (no class3d): stages, records,
+resuming, voting exclusivity and the RELION subsets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import open_dict
+
+from tests.helpers import compose_train
+
+
+def _make_volumes(cfg, folder, fold=3, fractions=(0.7, 0.2, 0.1), seed=0):
+    """Resampled volumes as the class3d stage would make them: leave-one-out unions of the
+    consensus particles, each state split into a large class (at the state's position) and
+    smaller ones further off; each map a blob at that position plus noise."""
+    import hydra
+
+    from hetero.data.io.mrc import write_volume
+    from hetero.data.synthetic import load_truth
+    from hetero.models.alphacryo4d.shuffling import leave_one_out
+
+    dm = hydra.utils.instantiate(cfg.data, val_fraction=0.0, split_file=None)
+    dm.prepare_data()
+    dm.setup("fit")
+    truth = np.asarray(load_truth(dm.truth_dir)["labels"])
+    n = len(truth)
+    rng = np.random.default_rng(seed)
+    d = 8
+    g = np.mgrid[:d, :d, :d].astype(np.float32) - d / 2
+    shuffle = leave_one_out(n, fold=fold, seed=seed)
+    maps, stars = [], []
+    from hetero.data.io.star import write_star
+
+    for u, union in enumerate(shuffle.unions):
+        sub = rng.choice(len(fractions), len(union), p=fractions)
+        for state in np.unique(truth):
+            for c in range(len(fractions)):
+                members = union[(truth[union] == state) & (sub == c)]
+                centre = np.array([2.0 * (2 * state - 1), 0.75 * c, 0]) + rng.normal(0, 0.1, 3)
+                vol = np.exp(-sum((g[i] - centre[i]) ** 2 for i in range(3)) / 2) + rng.normal(0, 0.02, (d, d, d))
+                name = folder / f"u{u}_s{state}_c{c}"
+                write_volume(name.with_suffix(".mrc"), vol.astype(np.float32), 5.0)
+                write_star(name.with_suffix(".star"), dm.table, members)
+                maps.append(str(name.with_suffix(".mrc")))
+                stars.append(str(name.with_suffix(".star")))
+    return maps, stars, truth, dm
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    from hetero.tasks.alphacryo4d import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("ac4d")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache fixture is not active yet
+        mp.setenv("HETERO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        return _run(tmp)
+
+
+def _run(tmp):
+    from hetero.tasks.alphacryo4d import run_pipeline
+
+    vol_dir = tmp / "volumes"
+    vol_dir.mkdir()
+    cfg = compose_train(tmp / "run", ["model=alphacryo4d"])
+    maps, stars, truth, dm = _make_volumes(cfg, vol_dir)
+    overrides = [
+        "model=alphacryo4d",
+        "model.resampling.source=files",
+        f"model.resampling.files.maps={vol_dir}/*.mrc",
+        f"model.resampling.files.stars={vol_dir}/*.star",
+        "model.autoencoder.epochs=2",
+        "model.autoencoder.batch_size=4",
+        "model.autoencoder.val_fraction=0.2",
+        "model.manifold.tsne.perplexity=5",
+        "model.manifold.tsne.max_iter=500",
+        "model.manifold.tsne.learning_rate=50",
+        "model.path.states=minima",
+        "model.path.k=2",
+        "model.path.n_images=40",
+        "model.path.max_steps=2000",
+        "model.landscape.interpolation=linear",
+        "model.landscape.max_minima=2",
+    ]
+    cfg = compose_train(tmp / "run", overrides)
+    metrics, objects = run_pipeline(cfg)
+    return cfg, metrics, objects, truth, dm, tmp / "run", overrides
+
+
+def test_every_stage_ran_and_recorded(pipeline_run):
+    cfg, metrics, objects, truth, dm, run_dir, _ = pipeline_run
+    records = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
+    assert set(records) == {"shuffling", "resampling", "autoencoder", "manifold", "landscape", "path", "voting"}
+    for rec in records.values():
+        assert all((run_dir / p).exists() for p in rec["outputs"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["method"] == "alphacryo4d" and manifest["result_loader"].endswith("load_alphacryo4d_result")
+    assert records["resampling"]["summary"]["n_volumes"] == 4 * 2 * 3
+
+
+def test_voting_recovers_the_states_exclusively(pipeline_run):
+    cfg, metrics, objects, truth, dm, run_dir, _ = pipeline_run
+    labels = np.load(run_dir / "alphacryo4d" / "voting" / "labels.npy")
+    assert labels.shape == truth.shape
+    kept = labels >= 0
+    assert kept.mean() > 0.9  # volumes of one state are one cluster: every particle has 3 votes there
+    # each voted state is one true state
+    for k in np.unique(labels[kept]):
+        frac = np.bincount(truth[labels == k]).max() / np.sum(labels == k)
+        assert frac > 0.99
+    assert len(np.unique(labels[kept])) == 2
+
+
+def test_subsets_are_relion_star_files_with_the_original_columns(pipeline_run):
+    import starfile
+
+    cfg, metrics, objects, truth, dm, run_dir, _ = pipeline_run
+    folder = run_dir / "alphacryo4d" / "voting" / "subsets"
+    labels = np.load(run_dir / "alphacryo4d" / "voting" / "labels.npy")
+    total = 0
+    for name in ("state_000", "state_001", "discarded"):
+        star = starfile.read(folder / f"{name}.star", always_dict=True)
+        rows = star["particles"]
+        idx = np.load(folder / f"{name}.npy")
+        total += len(idx)
+        assert list(rows["rlnImageName"]) == list(dm.table.rows["rlnImageName"].iloc[idx])
+        assert set(dm.table.rows.columns) <= set(rows.columns)
+    assert total == len(labels)
+
+
+def test_rerun_skips_up_to_date_stages_and_recomputes_changed_ones(pipeline_run, caplog):
+    from hetero.tasks.alphacryo4d import run_pipeline
+
+    cfg, metrics, objects, truth, dm, run_dir, overrides = pipeline_run
+    before = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
+    cfg2 = compose_train(run_dir, [*overrides, "model.voting.radius=1000"])
+    run_pipeline(cfg2)
+    after = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
+    for name in ("shuffling", "resampling", "autoencoder", "manifold", "landscape", "path"):
+        assert after[name]["finished"] == before[name]["finished"], name
+    assert after["voting"]["fingerprint"] != before["voting"]["fingerprint"]
+    assert after["voting"]["summary"]["radius"] == 1000
+
+
+def test_selected_stage_needs_its_inputs(tmp_path):
+    from hetero.tasks.alphacryo4d import run_pipeline
+    from hetero.tasks.alphacryo4d.pipeline import StageOutOfDateError
+
+    cfg = compose_train(tmp_path, ["model=alphacryo4d", "model.stages=[voting]"])
+    with pytest.raises(StageOutOfDateError, match="shuffling"):
+        run_pipeline(cfg)
+    with open_dict(cfg):
+        cfg.model.stages = ["nonsense"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_pipeline(cfg)
