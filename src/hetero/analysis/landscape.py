@@ -138,11 +138,12 @@ class Landscape:
         cls,
         xy: np.ndarray,
         weights: np.ndarray | None = None,
-        bins: int = 64,
+        bins: int = 48,
         smoothing: float = 1.0,
         margin: float = 0.05,
         floor: float = 1e-3,
         method: str = "cubic",
+        wall_slope: float = 1.0,
     ) -> Landscape:
         """Landscape of a particle density: ``G = -ln p`` of a smoothed 2-D histogram.
 
@@ -158,8 +159,11 @@ class Landscape:
         :param floor: densities below ``floor * max density`` are raised to it, capping the
             energy of empty cells at ``G_min - ln(floor)`` (a wall, not infinity).
         :param method: interpolation between cell centres (``"linear"`` or ``"cubic"``).
+        :param wall_slope: beyond the floor the energy rises by this much per cell of distance
+            to the nearest populated cell, so that a path through empty space feels a
+            gradient back towards the particles instead of a flat plateau.
         """
-        from scipy.ndimage import gaussian_filter
+        from scipy.ndimage import distance_transform_edt, gaussian_filter
 
         xy = np.asarray(xy, dtype=np.float64)
         if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0:
@@ -171,11 +175,14 @@ class Landscape:
         if smoothing > 0:
             hist = gaussian_filter(hist, float(smoothing), mode="constant")
         p = hist / hist.sum()
-        p = np.maximum(p, float(floor) * p.max())
+        empty = p < float(floor) * p.max()
+        energy = -np.log(np.maximum(p, float(floor) * p.max()))
+        if empty.any() and not empty.all() and wall_slope > 0:
+            energy = energy + float(wall_slope) * distance_transform_edt(empty)
         centres = [0.5 * (e[1:] + e[:-1]) for e in edges]
         gx, gy = np.meshgrid(centres[0], centres[1], indexing="ij")
         nodes = np.stack([gx.ravel(), gy.ravel()], 1)
-        return cls.from_points(nodes, -np.log(p.ravel()), method)
+        return cls.from_points(nodes, energy.ravel(), method)
 
     # ------------------------------------------------------------------ evaluation
     @property

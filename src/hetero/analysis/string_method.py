@@ -252,6 +252,48 @@ def string_method(
     )
 
 
+def graph_path(landscape: Landscape, start, end, grid_size: int = 128) -> np.ndarray:
+    """A low-energy initial string: the cheapest 8-connected path between the grid points
+    nearest ``start`` and ``end`` (inside the hull), each step costing its length times
+    ``1 + G - G_min`` (Dijkstra). Starting the string from it instead of the straight line
+    avoids converging onto a ridge the straight line happens to lie on (the string method only
+    finds the path near its start, paper section 4.7). Returns ``(P, 2)`` from start to end.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    (x0, y0), (x1, y1) = landscape.points.min(0), landscape.points.max(0)
+    xs, ys = np.linspace(x0, x1, grid_size), np.linspace(y0, y1, grid_size)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    nodes = np.stack([gx.ravel(), gy.ravel()], 1)
+    energy = landscape.energy(nodes)
+    inside = np.isfinite(energy)
+    weight = 1.0 + energy - np.nanmin(energy)
+    ids = np.arange(grid_size * grid_size).reshape(grid_size, grid_size)
+    rows, cols, costs = [], [], []
+    for di, dj in ((1, 0), (0, 1), (1, 1), (1, -1)):
+        a = ids[max(0, -di) : grid_size - max(0, di), max(0, -dj) : grid_size - max(0, dj)].ravel()
+        b = ids[max(0, di) :, max(0, dj) : grid_size + min(0, dj)].ravel() if dj >= 0 else ids[di:, : grid_size + dj].ravel()
+        ok = inside[a] & inside[b]
+        a, b = a[ok], b[ok]
+        length = np.hypot(*(nodes[b] - nodes[a]).T)
+        rows += [a, b]
+        cols += [b, a]
+        costs += [length * 0.5 * (weight[a] + weight[b])] * 2
+    n = len(nodes)
+    graph = coo_matrix((np.concatenate(costs), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)).tocsr()
+    candidates = np.flatnonzero(inside)
+    near = [candidates[np.argmin(np.sum((nodes[candidates] - np.asarray(p, float)) ** 2, 1))] for p in (start, end)]
+    _, pred = dijkstra(graph, indices=near[0], return_predecessors=True)
+    if pred[near[1]] < 0 and near[0] != near[1]:
+        return np.array([start, end], dtype=np.float64)
+    chain = [near[1]]
+    while chain[-1] != near[0]:
+        chain.append(pred[chain[-1]])
+    inner = nodes[chain[::-1]][1:-1]
+    return np.concatenate([np.asarray(start, float)[None], inner, np.asarray(end, float)[None]])
+
+
 def path_states(path: np.ndarray, k: int) -> np.ndarray:
     """``k`` images evenly spaced along an equal-arc-length ``path`` (both ends included):
     ``path[linspace(0, n - 1, k).astype(int)]``, the reference's choice of cluster centres."""
