@@ -68,21 +68,21 @@ def _run(tmp):
     maps, stars, truth, dm = _make_volumes(cfg, vol_dir)
     overrides = [
         "model=alphacryo4d",
-        "model.resampling.source=files",
-        f"model.resampling.files.maps={vol_dir}/*.mrc",
-        f"model.resampling.files.stars={vol_dir}/*.star",
-        "model.autoencoder.epochs=2",
-        "model.autoencoder.batch_size=4",
-        "model.autoencoder.val_fraction=0.2",
-        "model.manifold.tsne.perplexity=5",
-        "model.manifold.tsne.max_iter=500",
-        "model.manifold.tsne.learning_rate=50",
-        "model.path.states=minima",
-        "model.path.k=2",
-        "model.path.n_images=40",
-        "model.path.max_steps=2000",
-        "model.landscape.interpolation=linear",
-        "model.landscape.max_minima=2",
+        "alphacryo4d.resampling.source=files",
+        f"alphacryo4d.resampling.files.maps={vol_dir}/*.mrc",
+        f"alphacryo4d.resampling.files.stars={vol_dir}/*.star",
+        "alphacryo4d.autoencoder.epochs=2",
+        "alphacryo4d.autoencoder.batch_size=4",
+        "alphacryo4d.autoencoder.val_fraction=0.2",
+        "alphacryo4d.manifold.tsne.perplexity=5",
+        "alphacryo4d.manifold.tsne.max_iter=500",
+        "alphacryo4d.manifold.tsne.learning_rate=50",
+        "alphacryo4d.path.states=minima",
+        "alphacryo4d.path.k=2",
+        "alphacryo4d.path.n_images=40",
+        "alphacryo4d.path.max_steps=2000",
+        "alphacryo4d.landscape.interpolation=linear",
+        "alphacryo4d.landscape.max_minima=2",
     ]
     cfg = compose_train(tmp / "run", overrides)
     metrics, objects = run_pipeline(cfg)
@@ -135,7 +135,7 @@ def test_rerun_skips_up_to_date_stages_and_recomputes_changed_ones(pipeline_run,
 
     cfg, metrics, objects, truth, dm, run_dir, overrides = pipeline_run
     before = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
-    cfg2 = compose_train(run_dir, [*overrides, "model.voting.radius=1000"])
+    cfg2 = compose_train(run_dir, [*overrides, "alphacryo4d.voting.radius=1000"])
     run_pipeline(cfg2)
     after = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
     for name in ("shuffling", "resampling", "autoencoder", "manifold", "landscape", "path"):
@@ -148,10 +148,10 @@ def test_selected_stage_needs_its_inputs(tmp_path):
     from hetero.tasks.alphacryo4d import run_pipeline
     from hetero.tasks.alphacryo4d.pipeline import StageOutOfDateError
 
-    cfg = compose_train(tmp_path, ["model=alphacryo4d", "model.stages=[voting]"])
+    cfg = compose_train(tmp_path, ["model=alphacryo4d", "alphacryo4d.stages=[voting]"])
     with pytest.raises(StageOutOfDateError, match="shuffling"):
         run_pipeline(cfg)
     with open_dict(cfg):
-        cfg.model.stages = ["nonsense"]
+        cfg.alphacryo4d.stages = ["nonsense"]
     with pytest.raises(ValueError, match="unknown stage"):
         run_pipeline(cfg)

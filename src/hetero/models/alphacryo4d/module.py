@@ -43,7 +43,12 @@ class VolumeAutoencoder(L.LightningModule):
         ``ReduceLROnPlateau(factor=0.1, patience=3, threshold=1e-4, threshold_mode="abs")``);
         ``False`` for none.
     :param lr_monitor: metric the plateau scheduler watches (``train/loss`` or ``val/loss``).
+    :param data_info: the data module's geometry (``box_size``, ``n_volumes``, ...), accepted
+        like every model's and kept for the record.
     """
+
+    #: no per-particle latent (AlphaCryo4D's features are per volume)
+    latent_dim = 0
 
     def __init__(
         self,
@@ -53,9 +58,16 @@ class VolumeAutoencoder(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | bool | None = None,
         lr_monitor: str = "train/loss",
+        **data_info,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # plain types only, so that checkpoints load with weights_only=True (Hydra passes
+        # ListConfig objects)
+        self.save_hyperparameters({
+            "channels": [int(c) for c in channels], "first_stride": int(first_stride),
+            "l2_regularization": float(l2_regularization), "lr_monitor": str(lr_monitor),
+        })
+        self.data_info = {k: v for k, v in data_info.items() if isinstance(v, int | float | bool | str)}
         self.net = ResidualAutoencoder3d(tuple(channels), int(first_stride))
         self.l2_regularization = float(l2_regularization)
         self._optimizer_factory = optimizer
@@ -97,7 +109,7 @@ class VolumeAutoencoder(L.LightningModule):
             optimizer = self._optimizer_factory(self.parameters())
         if self._scheduler_factory is False:
             return optimizer
-        if self._scheduler_factory is None:
+        if not self._scheduler_factory:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=0.1, patience=3, threshold=1e-4, threshold_mode="abs"
             )

@@ -17,7 +17,7 @@ log = RankedLogger(__name__)
 
 
 def run_pipeline(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the AlphaCryo4D stages selected by ``cfg.model.stages`` in ``paths.output_dir``.
+    """Run the AlphaCryo4D stages selected by ``cfg.alphacryo4d.stages`` in ``paths.output_dir``.
 
     :return: ``(metrics, objects)`` like :func:`hetero.tasks.train.train`.
     """

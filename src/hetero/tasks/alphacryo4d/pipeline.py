@@ -4,7 +4,7 @@ The stages run in order as one task; each writes its outputs under
 ``<run_dir>/alphacryo4d/<stage>/`` and a record in ``<run_dir>/alphacryo4d/pipeline.json``
 (fingerprint of its settings and of every stage before it, wall time, summary). A stage whose
 fingerprint matches its record and whose outputs exist is skipped, so a run resumes where it
-stopped (``hydra.run.dir=<run dir>``), and changing, e.g., ``model.path.k`` recomputes the
+stopped (``hydra.run.dir=<run dir>``), and changing, e.g., ``alphacryo4d.path.k`` recomputes the
 path and the voting but not the volumes.
 
 =============== =============================================================================
@@ -17,9 +17,9 @@ path and the voting but not the volumes.
 ``voting``      volumes clustered around the states, particle voting, RELION subsets
 =============== =============================================================================
 
-``model.stages`` (``all`` or a list) selects what to run; stages before them must be up to date
-(else the error names the stage to run). ``model.force`` recomputes stages even when their
-records match. The run manifest (analysis contract) names the AlphaCryo4D result loader, so
+``alphacryo4d.stages`` (``all`` or a list) selects what to run; stages before them must be up to
+date (else the error names the stage to run). ``alphacryo4d.force`` recomputes stages even when
+their records match. The run manifest (analysis contract) names the AlphaCryo4D result loader, so
 ``python analyze.py run_dir=<run dir>`` reconstructs every state with half maps and FSC.
 
 Under DDP every rank runs this function: the Lightning stages (resampling, autoencoder) train
@@ -58,7 +58,7 @@ class StageOutOfDateError(RuntimeError):
 class PipelineContext:
     """What every stage function receives.
 
-    :param cfg: the full training config (``cfg.model`` holds the AlphaCryo4D settings).
+    :param cfg: the full training config (``cfg.alphacryo4d`` holds the stage settings, ``cfg.model`` the autoencoder).
     :param run_dir: the Hydra run directory; ``root`` = ``run_dir / "alphacryo4d"``.
     :param records: ``pipeline.json`` content, one entry per finished stage.
     """
@@ -71,7 +71,8 @@ class PipelineContext:
 
     @property
     def mcfg(self) -> DictConfig:
-        return self.cfg.model
+        """The stage settings (``cfg.alphacryo4d``)."""
+        return self.cfg.alphacryo4d
 
     @property
     def is_global_zero(self) -> bool:
@@ -151,21 +152,24 @@ def _hash(obj) -> str:
 
 def stage_fingerprint(cfg: DictConfig, name: str, upstream: str) -> str:
     """Hash of the stage's settings and of the fingerprint of the stage before it."""
-    section = _container(cfg.model.get(name)) if name in cfg.model else None
+    section = _container(cfg.alphacryo4d.get(name)) if name in cfg.alphacryo4d else None
     extra = {}
     if name in ("resampling", "autoencoder"):  # numerics of the Lightning stages
         extra = {"precision": str(cfg.trainer.get("precision")), "seed": cfg.get("seed")}
+    if name == "autoencoder":
+        extra["model"] = _container(cfg.model)
     return _hash({"stage": name, "settings": section, "extra": extra, "upstream": upstream})
 
 
 def _selected(cfg: DictConfig) -> tuple[list[str], set[str]]:
-    stages = cfg.model.get("stages", "all")
+    stages = cfg.alphacryo4d.get("stages", "all")
     names = list(STAGES) if stages in (None, "all") else [str(s) for s in stages]
-    force = cfg.model.get("force") or []
+    force = cfg.alphacryo4d.get("force") or []
     force = set(STAGES) if force == "all" else {str(s) for s in force}
     unknown = [s for s in [*names, *force] if s not in STAGES]
     if unknown:
-        raise ValueError(f"model.stages / model.force: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+        raise ValueError(f"alphacryo4d.stages / alphacryo4d.force: unknown stage(s) {unknown}; stages: "
+                         f"{', '.join(STAGES)}")
     return names, force
 
 
@@ -197,7 +201,7 @@ def run_stages(ctx: PipelineContext, functions: dict[str, Callable]) -> dict[str
             why = "has not run" if record is None else "is out of date (settings or inputs changed)"
             raise StageOutOfDateError(
                 f"AlphaCryo4D stage '{name}' {why}, and the selected stages {selected} need it: "
-                f"add it to model.stages (or run model.stages=all)"
+                f"add it to alphacryo4d.stages (or run alphacryo4d.stages=all)"
             )
         log.info(f"[{name}] running")
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Stage 2 of AlphaCryo4D: resampled volumes and the particles behind each.
 
-``model.resampling.source``:
+``alphacryo4d.resampling.source``:
 
 - ``class3d`` (default): ``model=class3d``'s replicate mode classifies every union of
   ``shuffling/unions.npz`` into ``K`` classes in one pass over the data per EM iteration
@@ -36,7 +36,7 @@ def resampling(ctx):
         return _class3d(ctx)
     if source == "files":
         return _from_files(ctx)
-    raise ValueError(f"model.resampling.source must be class3d or files, got {source!r}")
+    raise ValueError(f"alphacryo4d.resampling.source must be class3d or files, got {source!r}")
 
 
 def _outputs(ctx) -> list[Path]:
@@ -127,7 +127,7 @@ def _from_files(ctx):
     maps, stars = _expand(f.maps), _expand(f.stars)
     if not maps or len(maps) != len(stars):
         raise InputError(
-            f"model.resampling.files: need one STAR particle list per map, got {len(maps)} maps and "
+            f"alphacryo4d.resampling.files: need one STAR particle list per map, got {len(maps)} maps and "
             f"{len(stars)} star files (glob patterns are sorted)"
         )
     dm = ctx.datamodule()

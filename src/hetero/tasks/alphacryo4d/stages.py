@@ -33,7 +33,7 @@ def shuffling(ctx):
     elif s.scheme == "bootstrap":
         shuffle = shuffle_unions(n, int(s.n_subsets), int(s.window), int(s.seed), s.get("batch_size"))
     else:
-        raise ValueError(f"model.shuffling.scheme must be leave_one_out or bootstrap, got {s.scheme!r}")
+        raise ValueError(f"alphacryo4d.shuffling.scheme must be leave_one_out or bootstrap, got {s.scheme!r}")
     paths = stage_paths(ctx.root)
     if ctx.is_global_zero:
         from hetero.utils.files import atomic_write
@@ -59,19 +59,18 @@ def shuffling(ctx):
 def autoencoder(ctx):
     """Train the residual autoencoder on the kept volumes; features from the best checkpoint
     (by held-out loss) in eval mode."""
-    import functools
-
+    import hydra
     import lightning as L
     import torch
 
     from hetero.data.volumes import VolumeDataModule
-    from hetero.models.alphacryo4d.module import VolumeAutoencoder, extract_features
+    from hetero.models.alphacryo4d.module import extract_features
 
     a = ctx.mcfg.autoencoder
     paths = stage_paths(ctx.root)
     info = load_volumes_info(ctx.root)
     kept = load_members(ctx.root)["kept"]
-    factor = 4 * int(a.first_stride)
+    factor = 4 * int(ctx.cfg.model.get("first_stride", 1))
     if info["box_size"] % factor:
         raise ValueError(
             f"the autoencoder halves the volume side {2 if factor == 4 else 3} times: the volumes "
@@ -85,10 +84,7 @@ def autoencoder(ctx):
     )
     if ctx.cfg.get("seed") is not None:
         L.seed_everything(int(ctx.cfg.seed), workers=True)
-    optimizer = functools.partial(torch.optim.Adam, lr=float(a.lr), eps=float(a.adam_eps),
-                                  weight_decay=0.0)
-    model = VolumeAutoencoder(tuple(a.channels), int(a.first_stride), float(a.l2_regularization),
-                              optimizer=optimizer, lr_monitor=str(a.lr_monitor))
+    model = hydra.utils.instantiate(ctx.cfg.model, **dm.info())
     trainer = ctx.trainer("autoencoder", int(a.epochs), monitor="val/loss")
     trainer.fit(model, datamodule=dm)
     summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -133,7 +129,7 @@ def manifold(ctx):
     elif m.method == "umap":
         xy = umap(d2, m.umap.n_neighbors, m.umap.min_dist, m.umap.seed)
     else:
-        raise ValueError(f"model.manifold.method must be tsne or umap, got {m.method!r}")
+        raise ValueError(f"alphacryo4d.manifold.method must be tsne or umap, got {m.method!r}")
     embedding = np.full((len(kept), 2), np.nan)
     embedding[idx] = xy
     write_npy(paths["embedding"], embedding)
@@ -176,7 +172,7 @@ def _landscape(ctx):
 # ----------------------------------------------------------------------------- 6. path
 def path(ctx):
     """Minimum-energy path between two minima (given or the two deepest) and the states."""
-    from hetero.analysis.string_method import path_states, string_method
+    from hetero.analysis.string_method import graph_path, path_states, string_method
 
     p = ctx.mcfg.path
     paths = stage_paths(ctx.root)
@@ -188,12 +184,15 @@ def path(ctx):
     start, end = p.get("start"), p.get("end")
     have_ends = (start is not None and end is not None) or len(minima) >= 2
     if mode == "path" and not have_ends:
-        raise ValueError("the landscape has fewer than two minima: give model.path.start and model.path.end")
+        raise ValueError("the landscape has fewer than two minima: give alphacryo4d.path.start and alphacryo4d.path.end")
     if have_ends:  # the path is also drawn when the states are the minima
         start = minima[0] if start is None else start
         end = minima[1] if end is None else end
+        if p.init not in ("graph", "straight"):
+            raise ValueError(f"alphacryo4d.path.init must be graph or straight, got {p.init!r}")
+        initial = graph_path(land, start, end) if p.init == "graph" else None
         res = string_method(land, start, end, int(p.n_images), float(p.step), float(p.tol), int(p.max_steps),
-                            str(p.gradient), float(p.fd_step), bool(p.fix_endpoints))
+                            str(p.gradient), float(p.fd_step), bool(p.fix_endpoints), initial)
         if not res.converged:
             log.warning(f"string method: not converged after {res.n_steps} steps (change {res.final_change:.2e} > "
                         f"tol {p.tol}); using the last string")
@@ -210,7 +209,7 @@ def path(ctx):
     elif mode == "minima":
         states = minima[:k]
     else:
-        raise ValueError(f"model.path.states must be path or minima, got {mode!r}")
+        raise ValueError(f"alphacryo4d.path.states must be path or minima, got {mode!r}")
     write_npy(paths["states"], states)
     summary.update(n_states=int(len(states)), state_centers=states.round(3).tolist())
     outputs = [paths["states"]] + ([paths["path"]] if have_ends else [])
