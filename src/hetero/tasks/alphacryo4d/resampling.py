@@ -7,9 +7,12 @@
   (poses fixed, as RELION's ``--skip_align`` in the reference). Volume ``u * K + c`` is class
   ``c`` of union ``u``; its particles are those whose most probable class in union ``u`` is
   ``c``. The volumes share the consensus frame, so no alignment is needed.
-- ``files``: volumes made elsewhere (one MRC map and one RELION particle STAR file per volume,
-  already in a common frame); particles are matched to the consensus STAR file by their exact
-  ``rlnImageName``.
+- ``files``: volumes made elsewhere (one MRC map and one RELION particle STAR file per volume);
+  particles are matched to the consensus STAR file by their exact ``rlnImageName``. With
+  ``files.align`` each map is first rigidly aligned to ``files.reference`` (default: the map with
+  the most particles), as the reference's EMAN2 ``fit.sh`` did
+  (:func:`hetero.models.alphacryo4d.alignment.align_volume`; rotations, shifts and scores in
+  ``resampling/alignment.npz``).
 
 Writes ``volumes.npy`` ``(V, D, D, D)`` float32 (memory-mapped by later stages),
 ``members.npz`` / ``volumes.csv`` (:func:`hetero.models.alphacryo4d.io.write_members`) and
@@ -117,6 +120,32 @@ def _expand(spec) -> list[str]:
     return [str(s) for s in spec]
 
 
+def _align_stack(ctx, stack, lists, f) -> None:
+    """Align every map of ``stack`` (in place) to the reference map."""
+    from hetero.data.io.mrc import read_volume
+    from hetero.models.alphacryo4d.alignment import align_volume
+    from hetero.utils.files import atomic_write
+
+    if f.get("reference"):
+        reference, _ = read_volume(f.reference)
+        reference = np.asarray(reference, np.float32)
+        if reference.shape != stack.shape[1:]:
+            raise ValueError(f"{f.reference}: shape {reference.shape}, the maps are {stack.shape[1:]}")
+    else:
+        reference = np.array(stack[int(np.argmax([len(a) for a in lists]))])
+    rotations, shifts, scores = [], [], []
+    for v in range(len(stack)):
+        aligned, info = align_volume(stack[v], reference, seed=v)
+        stack[v] = aligned
+        rotations.append(info["rotation"])
+        shifts.append(info["shift"])
+        scores.append(info["score"])
+    log.info(f"aligned {len(stack)} maps: correlation with the reference {np.min(scores):.3f}-{np.max(scores):.3f}")
+    path = stage_paths(ctx.root)["volumes"].with_name("alignment.npz")
+    atomic_write(path, lambda p: np.savez(p, rotation=np.stack(rotations), shift=np.stack(shifts),
+                                          score=np.asarray(scores)))
+
+
 def _from_files(ctx):
     """Volumes and per-volume particle lists made elsewhere (a common frame is assumed)."""
     from hetero.analysis.voting import image_name_keys, read_image_names
@@ -156,6 +185,8 @@ def _from_files(ctx):
             raise InputError(f"{path}: {vol.shape} at {vapix:.4f} Å/px, but {maps[0]} is {first.shape} "
                              f"at {apix:.4f} Å/px; resample the maps to one grid first")
         stack[v] = vol
+    if f.get("align"):
+        _align_stack(ctx, stack, lists, f)
     stack.flush()
     del stack
     tmp.replace(target)
