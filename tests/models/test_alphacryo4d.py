@@ -196,3 +196,18 @@ def test_rigid_alignment_undoes_a_rotation_and_shift():
     # the rotation found undoes the applied one: A_found @ R = identity
     err = geodesic_distance_deg(torch.from_numpy(info["rotation"]) @ rot[0], torch.eye(3, dtype=torch.float64))
     assert float(err) < 8.0  # a few degrees: trilinear interpolation blurs the blobs
+
+
+def test_volume_loaders_shard_over_ddp_ranks():
+    from types import SimpleNamespace
+
+    vols = np.random.default_rng(0).random((20, 8, 8, 8)).astype(np.float32)
+    seen = []
+    for rank in range(2):
+        dm = VolumeDataModule(vols, batch_size=2, val_fraction=0.2, indices=np.arange(1, 20))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        seen.append(np.concatenate([b["index"].numpy() for b in dm.train_dataloader()]))
+        val = np.concatenate([b["index"].numpy() for b in dm.val_dataloader()])
+        assert set(val) <= set(dm.val_indices)
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) <= set(dm.train_indices) and 0 not in set(seen[0]) | set(seen[1])
