@@ -10,6 +10,7 @@ import pytest
 
 from hetero.analysis.voting import (
     Memberships,
+    nearest_vote,
     assign_to_centers,
     default_radius,
     image_name_keys,
@@ -111,3 +112,13 @@ def test_default_radius_is_the_median_nearest_centre_distance():
     assert default_radius(centers) == 1.0
     labels, _ = assign_to_centers(np.array([[0.4, 0], [2.2, 0], [9, 9]]), centers, None)
     assert labels.tolist() == [0, 2, 2]
+
+
+def test_distance_based_alternative_takes_the_nearest_volume():
+    members = Memberships.from_lists([[0, 1], [0, 2], [1, 2], [3]], 4)
+    xy = np.array([[0.0, 0.0], [9.0, 0.0], [4.0, 0.0], [50.0, 0.0]])
+    centers = np.array([[1.0, 0.0], [10.0, 0.0]])
+    res = nearest_vote(members, xy, centers)
+    # particle 0: volumes 0 and 1 are both 1 from a state: the lower state wins
+    assert res.labels.tolist() == [0, 0, 1, 1]
+    assert nearest_vote(members, xy, centers, max_distance=5.0).labels[3] == -1

@@ -206,6 +206,44 @@ def majority_vote(
     return VoteResult(labels, winning, per_particle, threshold, counts)
 
 
+def nearest_vote(
+    members: Memberships,
+    volume_points: np.ndarray,
+    centers: np.ndarray,
+    max_distance: float | None = None,
+) -> VoteResult:
+    """Distance-based classification, the paper's alternative to voting (section 4.9): each
+    particle joins the state nearest to any of its volumes; with ``max_distance`` particles
+    whose nearest volume is further away from every state are discarded. Keeps more particles
+    than :func:`majority_vote`, but does not test their reproducibility.
+
+    :param volume_points: ``(V, 2)`` volume positions (NaN rows: volumes not on the landscape).
+    :param centers: ``(K, 2)`` states.
+    """
+    points = np.asarray(volume_points, dtype=np.float64)
+    ok = np.all(np.isfinite(points), axis=1)
+    nearest = np.full(len(points), -1, dtype=np.int64)
+    dist = np.full(len(points), np.inf)
+    nearest[ok], dist[ok] = assign_to_centers(points[ok], centers, None)
+    vol_of = np.repeat(np.arange(members.n_volumes), members.counts)
+    # per particle, its volume nearest to a state decides (ties: the lower state)
+    order = np.lexsort((nearest[vol_of], dist[vol_of], members.indices))
+    particle = members.indices[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = particle[1:] != particle[:-1]
+    labels = np.full(members.n_particles, -1, dtype=np.int64)
+    best = np.full(members.n_particles, np.inf)
+    labels[particle[first]] = nearest[vol_of[order[first]]]
+    best[particle[first]] = dist[vol_of[order[first]]]
+    if max_distance is not None:
+        labels[best > float(max_distance)] = -1
+    labels[~np.isfinite(best)] = -1
+    per_particle = members.per_particle()
+    kept = labels >= 0
+    counts_k = np.bincount(labels[kept], minlength=len(centers))
+    return VoteResult(labels, kept.astype(np.int64), per_particle, 1, counts_k)
+
+
 # ----------------------------------------------------------------------------- STAR inputs
 def image_name_keys(names: Sequence[str], source: str = "") -> np.ndarray:
     """Exact particle identities from ``rlnImageName`` values ``index@stack``: the 1-based

@@ -221,7 +221,13 @@ def voting(ctx):
     """Volumes to the states within the radius, majority voting, one RELION subset per state
     (all original columns) and the discarded particles."""
     from hetero.analysis.subsets import write_subset
-    from hetero.analysis.voting import Memberships, assign_to_centers, default_radius, majority_vote
+    from hetero.analysis.voting import (
+        Memberships,
+        assign_to_centers,
+        default_radius,
+        majority_vote,
+        nearest_vote,
+    )
 
     v = ctx.mcfg.voting
     paths = stage_paths(ctx.root)
@@ -236,7 +242,14 @@ def voting(ctx):
     dist = np.full(len(kept), np.nan)
     dist[kept] = distance
     mem = Memberships(members["indptr"], members["indices"], int(members["n_particles"]))
-    result = majority_vote(mem, volume_labels, len(states), v.get("threshold"))
+    mode = str(v.get("mode", "majority"))
+    if mode == "majority":
+        result = majority_vote(mem, volume_labels, len(states), v.get("threshold"))
+    elif mode == "nearest":
+        points = np.where(kept[:, None], xy, np.nan)
+        result = nearest_vote(mem, points, states, radius)
+    else:
+        raise ValueError(f"alphacryo4d.voting.mode must be majority or nearest, got {mode!r}")
     write_npy(paths["volume_labels"], volume_labels)
     write_npy(paths["volume_distance"], dist)
     write_npy(paths["labels"], result.labels)
@@ -249,7 +262,7 @@ def voting(ctx):
         written += list(write_subset(folder, f"state_{k:0{width}d}", table, result.state(k)).values())
     written += list(write_subset(folder, "discarded", table, np.flatnonzero(result.labels < 0)).values())
     summary = {
-        "radius": radius, "threshold": result.threshold, "votes_per_particle": int(result.memberships.max()),
+        "mode": mode, "radius": radius, "threshold": result.threshold, "votes_per_particle": int(result.memberships.max()),
         "state_sizes": result.counts.tolist(), "volumes_per_state": np.bincount(labels_kept[labels_kept >= 0],
                                                                              minlength=len(states)).tolist(),
         "n_discarded": result.n_discarded, "discard_rate": result.n_discarded / len(result.labels),
