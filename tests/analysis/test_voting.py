@@ -10,13 +10,13 @@ import pytest
 
 from hetero.analysis.voting import (
     Memberships,
-    nearest_vote,
     assign_to_centers,
     default_radius,
     image_name_keys,
     majority_threshold,
     majority_vote,
     memberships_from_star_files,
+    nearest_vote,
     read_image_names,
 )
 from hetero.models.alphacryo4d.shuffling import leave_one_out, shuffle_unions

@@ -51,7 +51,6 @@ def _make_volumes(cfg, folder, fold=3, fractions=(0.7, 0.2, 0.1), seed=0):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    from hetero.tasks.alphacryo4d import run_pipeline
 
     tmp = tmp_path_factory.mktemp("ac4d")
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache fixture is not active yet

@@ -35,20 +35,16 @@ import numpy as np
 _EXPONENTS = np.array(
     [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2), (3, 0), (2, 1), (1, 2), (0, 3)]
 )
-# Sample points (affine coordinates) at which each cubic piece is fitted: the cubic lattice of
-# the reference triangle pulled towards its centroid, so every sample lies strictly inside.
-_LATTICE = np.array([(i / 3, j / 3) for i in range(4) for j in range(4 - i)])
-_SAMPLES = 1 / 3 + 0.6 * (_LATTICE - 1 / 3)
 
 
-def _monomials(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def monomials(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``(P, 10)`` monomials ``u^a v^b`` in :data:`_EXPONENTS` order."""
     u2, v2 = u * u, v * v
     return np.stack([np.ones_like(u), u, v, u2, u * v, v2, u2 * u, u2 * v, u * v2, v2 * v], 1)
 
 
 def _monomial_derivatives(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``d/du`` and ``d/dv`` of :func:`_monomials`, each ``(P, 10)``."""
+    """``d/du`` and ``d/dv`` of :func:`monomials`, each ``(P, 10)``."""
     z, o = np.zeros_like(u), np.ones_like(u)
     du = np.stack([z, o, z, 2 * u, v, z, 3 * u * u, 2 * u * v, v * v, z], 1)
     dv = np.stack([z, z, o, z, u, 2 * v, z, u * u, 2 * u * v, 3 * v * v], 1)
@@ -127,7 +123,9 @@ class Landscape:
         if method not in ("linear", "cubic"):
             raise ValueError(f"Landscape: method must be 'linear' or 'cubic', got {method!r}")
         tri = Delaunay(points)
-        build = _linear_pieces if method == "linear" else _cubic_pieces
+        from hetero.analysis.landscape_pieces import cubic_pieces, linear_pieces
+
+        build = linear_pieces if method == "linear" else cubic_pieces
         coeffs, origin, inv_jac = build(tri, energies)
         jac = np.linalg.inv(inv_jac)
         corners = np.stack([origin, origin + jac[:, :, 0], origin + jac[:, :, 1]], 1)
@@ -235,7 +233,7 @@ class Landscape:
         ok = s >= 0
         piece = self.pieces(q[ok], s[ok])
         u, v = self._affine(q[ok], piece)
-        out[ok] = np.einsum("pk,pk->p", _monomials(u, v), self.coeffs[piece])
+        out[ok] = np.einsum("pk,pk->p", monomials(u, v), self.coeffs[piece])
         return out
 
     def gradient(self, q: np.ndarray, simplex: np.ndarray | None = None) -> np.ndarray:
@@ -260,6 +258,8 @@ class Landscape:
     def xy_polynomials(self) -> np.ndarray:
         """Each piece's polynomial in Cartesian offsets from its origin: ``(pieces, 4, 4)``
         with ``G = sum_ij P[k, i, j] dx^i dy^j`` (``dx, dy = q - origin[k]``; ``i + j <= 3``)."""
+        from hetero.analysis.landscape_pieces import poly_mul
+
         a, b = self.inv_jacobian[:, 0, 0], self.inv_jacobian[:, 0, 1]
         c, d = self.inv_jacobian[:, 1, 0], self.inv_jacobian[:, 1, 1]
         n = len(a)
@@ -270,11 +270,11 @@ class Landscape:
         one[:, 0, 0] = 1.0
         powers_u, powers_v = [one, u], [one, v]
         for _ in range(2):
-            powers_u.append(_poly_mul(powers_u[-1], u))
-            powers_v.append(_poly_mul(powers_v[-1], v))
+            powers_u.append(poly_mul(powers_u[-1], u))
+            powers_v.append(poly_mul(powers_v[-1], v))
         out = np.zeros((n, 4, 4))
         for k, (eu, ev) in enumerate(_EXPONENTS):
-            out += self.coeffs[:, k, None, None] * _poly_mul(powers_u[eu], powers_v[ev])
+            out += self.coeffs[:, k, None, None] * poly_mul(powers_u[eu], powers_v[ev])
         return out
 
     # ------------------------------------------------------------------ geometry
@@ -319,63 +319,6 @@ class Landscape:
         gx, gy = np.meshgrid(xs, ys, indexing="ij")
         g = self.energy(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(n, n)
         return xs, ys, g
-
-
-def _poly_mul(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Product of bivariate polynomials ``(n, 4, 4)`` (coefficient of ``x^i y^j`` at
-    ``[i, j]``), truncated to total degree 3."""
-    out = np.zeros_like(p)
-    for i in range(4):
-        for j in range(4 - i):
-            for k in range(4 - i - j):
-                for m in range(4 - i - j - k):
-                    out[:, i + k, j + m] += p[:, i, j] * q[:, k, m]
-    return out
-
-
-def _linear_pieces(tri, energies: np.ndarray):
-    """One plane per triangle: ``G = G0 + (G1 - G0) u + (G2 - G0) v`` with the triangle's
-    affine frame at vertex 0 (exactly barycentric interpolation, as LinearNDInterpolator)."""
-    verts = tri.points[tri.simplices]  # (T, 3, 2)
-    e = energies[tri.simplices]
-    coeffs = np.zeros((len(verts), 10))
-    coeffs[:, 0] = e[:, 0]
-    coeffs[:, 1] = e[:, 1] - e[:, 0]
-    coeffs[:, 2] = e[:, 2] - e[:, 0]
-    jac = np.stack([verts[:, 1] - verts[:, 0], verts[:, 2] - verts[:, 0]], axis=2)
-    return coeffs, verts[:, 0].copy(), np.linalg.inv(jac)
-
-
-def _cubic_pieces(tri, energies: np.ndarray):
-    """The Clough-Tocher interpolant of scipy as explicit cubics, one per micro-triangle.
-
-    scipy's ``CloughTocher2DInterpolator`` (global gradient estimation, centroid split) is a
-    cubic polynomial on each of the three micro-triangles ``(centroid, v_{m+1}, v_{m+2})`` of
-    every triangle. Each cubic is recovered exactly (to rounding) from scipy's values at 10
-    interior points of its micro-triangle, in the micro-triangle's affine frame, where the
-    10 x 10 system is the same well-conditioned matrix for every piece.
-    """
-    from scipy.interpolate import CloughTocher2DInterpolator
-
-    interp = CloughTocher2DInterpolator(tri, energies)
-    verts = tri.points[tri.simplices]  # (T, 3, 2)
-    centroid = verts.mean(1)
-    n_tri = len(verts)
-    origin = np.repeat(centroid, 3, axis=0)  # piece 3 t + m
-    ax = np.stack([verts[:, (m + 1) % 3] - centroid for m in range(3)], 1).reshape(-1, 2)
-    bx = np.stack([verts[:, (m + 2) % 3] - centroid for m in range(3)], 1).reshape(-1, 2)
-    jac = np.stack([ax, bx], axis=2)  # (3T, 2, 2): columns are the micro-triangle's edges
-    samples = origin[:, None, :] + np.einsum("pij,sj->psi", jac, _SAMPLES)  # (3T, 10, 2)
-    values = interp(samples.reshape(-1, 2)).reshape(3 * n_tri, len(_SAMPLES))
-    vander = _monomials(_SAMPLES[:, 0], _SAMPLES[:, 1])
-    coeffs = np.linalg.solve(vander, values.T).T
-    bad = ~np.all(np.isfinite(coeffs), axis=1)
-    if bad.any():  # sliver triangles on the hull where scipy could not locate a sample
-        lin, lin_origin, lin_inv = _linear_pieces(tri, energies)
-        t = np.flatnonzero(bad) // 3
-        coeffs[bad], origin[bad] = lin[t], lin_origin[t]
-        jac[bad] = np.linalg.inv(lin_inv[t])
-    return coeffs, origin, np.linalg.inv(jac)
 
 
 def find_minima(

@@ -24,7 +24,12 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import lightning as L
 
     from hetero.tasks.alphacryo4d import resampling, stages
-    from hetero.tasks.alphacryo4d.pipeline import PipelineContext, read_records, run_stages, write_run_files
+    from hetero.tasks.alphacryo4d.pipeline import (
+        PipelineContext,
+        read_records,
+        run_stages,
+        write_run_files,
+    )
     from hetero.utils.config import apply_extras
 
     apply_extras(cfg)
