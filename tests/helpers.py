@@ -87,3 +87,51 @@ class BankDump(L.Callback):
             seen=pl_module.bank.seen.cpu().numpy(),
             images_seen=int(pl_module.images_seen),
         )
+
+
+class ParameterDump(L.Callback):
+    """Writes each rank's ``state_dict`` (parameters and buffers) to
+    ``<folder>/params_rank<r>.pt`` at the end of training (module level so that ``ddp_spawn``
+    can pickle it). Pair with :func:`assert_ranks_agree`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"params_rank{trainer.global_rank}.pt")
+
+
+def ddp_dump_overrides(folder: Path) -> list[str]:
+    """Config overrides that add :class:`ParameterDump` writing into ``folder``."""
+    return [
+        "++callbacks.param_dump._target_=tests.helpers.ParameterDump",
+        f"++callbacks.param_dump.folder={folder}",
+    ]
+
+
+def assert_ranks_agree(folder: Path, world_size: int = 2, rtol: float = 1e-6, atol: float = 1e-8) -> dict:
+    """Every rank's dumped ``state_dict`` equals rank 0's, key by key (floating tensors to
+    ``rtol``/``atol``, others exactly); returns rank 0's state. The failure names the key and
+    the relative difference, so a model whose ranks drift apart under DDP fails here."""
+    import torch
+
+    states = [torch.load(Path(folder) / f"params_rank{r}.pt", weights_only=True) for r in range(world_size)]
+    ref = states[0]
+    assert ref, f"{folder}: empty state_dict"
+    for rank, state in enumerate(states[1:], start=1):
+        assert state.keys() == ref.keys(), f"rank {rank} has other keys"
+        for key, value in ref.items():
+            other = state[key]
+            if value.is_floating_point() or value.is_complex():
+                diff = float((other - value).abs().max()) if value.numel() else 0.0
+                scale = float(value.abs().max()) if value.numel() else 0.0
+                assert diff <= atol + rtol * scale, (
+                    f"{key}: rank {rank} differs from rank 0 by {diff:.3g} (max |value| {scale:.3g})"
+                )
+            else:
+                assert torch.equal(other, value), f"{key}: rank {rank} differs from rank 0"
+    return ref

@@ -8,6 +8,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from hetero.data.io.errors import MissingFileError
 from tests.helpers import CONF_DIR, compose_train
 
 CONF = Path(CONF_DIR)
@@ -23,12 +24,28 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("option", options("data"))
 def test_data_configs_instantiate(tmp_path, option):
-    overrides = [f"data={option}"]
+    """Each data config builds a data module whose input resolves as documented: a published
+    entry not downloaded names its URL and the expected path; a custom path that does not
+    exist names itself; the synthetic set is described by its own parameters."""
+    overrides = [f"data={option}", "++data.root=/no/data"]
     if option == "custom":
         overrides.append("data.particles=/nonexistent/particles.star")
+    if option == "synthetic":
+        overrides = [f"data={option}"]
     cfg = compose_train(tmp_path, overrides, tiny_synthetic=option == "synthetic")
     dm = hydra.utils.instantiate(cfg.data)
-    assert dm.batch_size == cfg.data.batch_size
+    assert dm.invert_contrast == "auto" and dm.pose_shift_units == "fraction"
+    assert dm.box_size == cfg.data.box_size and dm.sampler == cfg.data.sampler
+    if option == "synthetic":
+        assert dm.particles.params["n_particles"] == 400 and dm.particles.kind == "discrete"
+        return
+    with pytest.raises(MissingFileError) as err:
+        dm.setup("fit")
+    if option == "custom":
+        assert "/nonexistent/particles.star" in str(err.value)
+    else:
+        entry = option.replace("empiar", "EMPIAR-")
+        assert entry in str(err.value) and f"/no/data/{option}/" in str(err.value)
 
 
 @pytest.mark.parametrize("option", options("data/sampler"))
@@ -39,18 +56,41 @@ def test_sampler_configs(tmp_path, option):
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_configs_instantiate(tmp_path, option):
+    """Each model config builds at the data's geometry and renders a batch at that box; the
+    latent size is the config's."""
     cfg = compose_train(tmp_path, [f"model={option}"])
     model = hydra.utils.instantiate(cfg.model, **INFO)
-    assert sum(p.numel() for p in model.parameters()) > 0
-    assert model.latent_dim >= 0
+    assert model.box_size == INFO["box_size"] and model.apix == pytest.approx(INFO["apix"])
+    assert model.latent_dim == cfg.model.get("zdim", 0)
+    assert model.renderer.method == cfg.model.render_method
+    import torch
+
+    t = model.template_size
+    batch = {"ctf": torch.tensor([[15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0]] * 2),
+             "apix": torch.full((2,), INFO["apix"])}
+    images = model.render(torch.zeros(t, t, t), torch.eye(3).expand(2, 3, 3), batch)
+    assert images.shape == (2, INFO["box_size"], INFO["box_size"]) and images.abs().max() == 0
 
 
 @pytest.mark.parametrize("group", ["loss", "schedule"])
 def test_loss_and_schedule_options_instantiate(tmp_path, group):
+    """Schedules take their configured values at the ends of a ramp; every loss term carries
+    its configured weight."""
     for option in options(group):
         cfg = compose_train(tmp_path, [f"{group}={option}"])
         obj = hydra.utils.instantiate(cfg[group])
-        assert obj is not None
+        if group == "schedule":
+            node = cfg[group]
+            if "ramp" in node:
+                assert obj(0) == pytest.approx(node.start)
+                assert obj(node.ramp) == pytest.approx(node.end)
+                assert obj(node.period) == pytest.approx(node.start)  # the cycle restarts
+            else:
+                assert obj(0) == obj(10**6) == pytest.approx(node.value)
+        else:
+            for name, term in obj.items():
+                if term is not None and "weight" in cfg[group][name]:
+                    assert term.weight == pytest.approx(cfg[group][name].weight)
 
 
 @pytest.mark.parametrize("option", options("trainer"))
@@ -62,6 +102,8 @@ def test_trainer_configs_instantiate(tmp_path, option):
         return
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
+    assert trainer.world_size == cfg.trainer.devices  # ddp_sim: two CPU processes
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
 
 
 @pytest.mark.parametrize("group", ["optim", "callbacks", "logger", "debug", "experiment"])

@@ -59,7 +59,12 @@ def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0) -> tuple[Path
     np.save(run / "latents" / "z_mu.npy", z.astype(np.float32))
     cfg = {
         "model": {"_target_": "tests.analysis.fakes.FakeModel"},
-        "data": {"_target_": "tests.analysis.fakes.no_data"},
+        "data": {
+            "_target_": "hetero.data.datamodule.ParticleDataModule",
+            "particles": str(write_particles(root / "data", len(labels), seed)),
+            "invert_contrast": False, "sampler": "random", "num_workers": 0,
+            "norm_sample_size": 50, "split_file": str(run / "split.npz"),
+        },
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config_resolved.yaml")
     info = {"n_particles": len(labels), "n_train": len(labels), "n_val": 0, "original_box": BOX,
@@ -85,5 +90,20 @@ def make_run_dir(root: Path, n_per_state: int = 40, seed: int = 0) -> tuple[Path
     return run, truth
 
 
-def no_data():
-    raise FileNotFoundError("fake run: no particle data")
+def write_particles(folder: Path, n: int, seed: int = 0) -> Path:
+    """A real RELION 3.1 star + stack of ``n`` small noise images with poses and CTF, so the
+    analysis writes (and the tests reopen) real particle subsets."""
+    from hetero.data.io import write_stack, write_star
+    from hetero.data.particles import ParticleTable
+    from hetero.physics.rotations import random_rotations
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    stack = write_stack(folder / "particles.mrcs", rng.standard_normal((n, 8, 8)).astype(np.float32), 4.0)
+    ctf = np.tile([15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0], (n, 1))
+    table = ParticleTable(
+        image_paths=[str(stack)] * n, image_indices=np.arange(n), box_size=8,
+        pixel_size_angstrom=4.0, ctf=ctf, origins_px=rng.uniform(-1, 1, (n, 2)),
+        rotations=random_rotations(n, generator=torch.Generator().manual_seed(seed)).double().numpy(),
+    )
+    return write_star(folder / "particles.star", table)

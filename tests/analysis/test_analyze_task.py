@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import mrcfile
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from hetero.data.io import read_particles
 from hetero.tasks.analyze import analyze
 from tests.analysis.fakes import APIX, BOX, make_run_dir
 
@@ -46,6 +48,19 @@ def test_analyze_fake_run(tmp_path):
     # about half the AUC ceiling, and the 0.5 crossing just above 4 Å.
     assert 0.2 < gt["per_state_auc_mean"] < gt["auc_ceiling"]
     assert gt["per_state_res_0.5_mean"] < 5.0
+    # Particle subsets, one per cluster, open where they are written and hold that cluster.
+    labels = np.load(out / "labels.npy") if (out / "labels.npy").is_file() else None
+    seen = []
+    for k in range(4):
+        star = out / "subsets" / f"cluster_00{k}.star"
+        sub = read_particles(star)  # no datadir: names resolve from the subset's folder
+        idx = np.load(out / "subsets" / f"cluster_00{k}.npy")
+        np.testing.assert_array_equal(sub.image_indices, idx)
+        if labels is not None:
+            assert (labels[idx] == k).all()
+        seen.append(idx)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(120))
+    assert metrics["subsets"] == {f"cluster_00{k}": len(seen[k]) for k in range(4)}
     report = (out / "report.html").read_text()
     for name in ("Summary", "Training", "Latent space", "Clusters", "Maps", "Ground truth", "Files"):
         assert f"<h2>{name}</h2>" in report

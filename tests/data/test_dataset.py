@@ -275,8 +275,9 @@ def test_info_after_setup(star, tmp_path):
         "apix": pytest.approx(APIX * 2),
         "has_poses": True,
         "has_ctf": True,
+        "particles_file": str(star),
     }
-    assert all(isinstance(v, (int, float, bool)) for v in info.values())
+    assert all(isinstance(v, (int, float, bool, str)) for v in info.values())
     assert len(dm.table) == N
     assert set(np.unique(dm.table.half_set)) == {0, 1}
     assert abs(int(dm.table.half_set.sum()) - N // 2) <= 1

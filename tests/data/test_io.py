@@ -339,8 +339,9 @@ def test_write_star_subset_round_trip(tmp_path, conformance_dir):
         write_star(star, table)
     sub = [4, 1, 3]
     out = write_star(tmp_path / "sub.star", table, indices=sub)
-    back = read_star(out, datadir=conformance_dir)
-    assert back.rows["rlnImageName"].tolist() == table.rows["rlnImageName"].iloc[sub].tolist()
+    back = read_particles(out)  # opens where it is written, no datadir
+    rel = os.path.relpath(conformance_dir / "relion31.mrcs", tmp_path)
+    assert back.rows["rlnImageName"].tolist() == [f"{i + 1:06d}@{rel}" for i in sub]
     pd.testing.assert_frame_equal(back.optics, table.optics)
     assert _rotation_error(back.rotations, table.rotations[sub]) < 1e-6
     np.testing.assert_allclose(back.origins_px, table.origins_px[sub], atol=1e-9)
@@ -396,9 +397,9 @@ def test_write_star_from_arrays_round_trip(tmp_path):
 def test_write_star_from_relion30_rows(tmp_path, conformance_dir):
     table = read_star(conformance_dir / "toy_projections.star", pixel_size_angstrom=1.0)
     out = write_star(tmp_path / "toy31.star", table, indices=np.arange(10))
-    back = read_star(out, datadir=conformance_dir)
+    back = read_particles(out)
     assert back.extra["star_version"] == "3.1"
-    assert back.rows["rlnImageName"].tolist() == table.rows["rlnImageName"].iloc[:10].tolist()
+    assert back.image_paths.tolist() == table.image_paths[:10].tolist()
     assert "dummyVariable" in back.rows.columns  # extra columns kept
     assert "rlnVoltage" not in back.rows.columns  # moved to data_optics
     np.testing.assert_allclose(back.ctf, table.ctf[:10])
@@ -525,8 +526,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     assert not sentinel.exists()
     classic = tmp_path / "classic.pkl"
     classic.write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")
-    with pytest.raises(pickle.UnpicklingError, match=r"classic\.pkl.*builtins\.eval"):
+    with pytest.raises(pickle.UnpicklingError, match=r"classic\.pkl.*builtins\.eval") as err:
         safe_load_pickle(classic)
+    assert isinstance(err.value, InputError)  # printed as a message by train.py, no traceback
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         ok = tmp_path / f"ok{protocol}.pkl"
         ok.write_bytes(pickle.dumps((np.eye(3)[None], {"a": [np.float32(2)]}), protocol=protocol))
@@ -643,3 +645,65 @@ def test_stack_memory_maps_are_advised_random_access(tmp_path, monkeypatch):
     stack.close()
     stack.read([1])
     assert calls == [(3, 8, 8), (3, 8, 8)]
+
+
+def _relion_project(root: Path, conformance_dir: Path) -> Path:
+    """A RELION project: Extract/job133/relion31.mrcs and Refine3D/job012/run_data.star whose
+    image names are relative to the project root (as RELION writes them)."""
+    stack = root / "Extract" / "job133" / "relion31.mrcs"
+    stack.parent.mkdir(parents=True)
+    shutil.copy(conformance_dir / "relion31.mrcs", stack)
+    star = root / "Refine3D" / "job012" / "run_data.star"
+    star.parent.mkdir(parents=True)
+    text = (conformance_dir / "relion31.star").read_text()
+    star.write_text(text.replace("@relion31.mrcs", "@Extract/job133/relion31.mrcs"))
+    return star
+
+
+def test_subsets_open_where_they_are_written(tmp_path, conformance_dir, monkeypatch, caplog):
+    """Issue #18 item 8: names are resolved against the star's folder, the working directory
+    and every parent folder (the project root), the log says which matched, and a subset keeps
+    RELION's project-relative names inside the project and portable ones elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "project"
+    star = _relion_project(project, conformance_dir)
+    caplog.set_level("INFO")
+    table = read_particles(star)
+    stack = str(project / "Extract" / "job133" / "relion31.mrcs")
+    assert set(table.image_paths) == {stack}
+    assert f"1 against {project}" in caplog.text
+    inside = write_star(project / "hetero" / "run" / "analysis" / "subsets" / "c0.star", table, [0, 2])
+    assert read_star(inside).rows["rlnImageName"].tolist() == [
+        "000001@Extract/job133/relion31.mrcs", "000003@Extract/job133/relion31.mrcs"]
+    elsewhere = write_star(tmp_path / "elsewhere" / "c0.star", table, [0, 2])
+    for out in (inside, elsewhere):
+        back = read_particles(out)  # no datadir, any working directory
+        assert back.image_paths.tolist() == [stack, stack]
+        np.testing.assert_array_equal(back.image_indices, [0, 2])
+
+
+def test_write_star_carries_the_poses_in_use(tmp_path, conformance_dir):
+    """Issue #11 item 6: after poses are replaced (pickle, or refined by a model), a subset of a
+    RELION 3.1 input carries those poses, as one of a 3.0 input does."""
+    star = conformance_dir / "relion31.star"
+    table = read_star(star)
+    rot = random_rotations(5, generator=torch.Generator().manual_seed(4)).double().numpy()
+    trans = np.linspace(-0.1, 0.1, 10).reshape(5, 2)
+    pkl = tmp_path / "poses.pkl"
+    with open(pkl, "wb") as fh:
+        pickle.dump((rot, trans), fh)
+    replaced = read_particles(star, poses=pkl)
+    np.testing.assert_allclose(replaced.origins_px, trans * 256)
+    for name, t in (("replaced", replaced), ("original", table)):
+        back = read_particles(write_star(tmp_path / f"{name}.star", t, [3, 0]))
+        assert _rotation_error(back.rotations, t.rotations[[3, 0]]) < 1e-9
+        np.testing.assert_allclose(back.origins_px, t.origins_px[[3, 0]], atol=1e-9)
+    # Unchanged poses keep the input's own text (no round trip through matrices).
+    original = read_star(tmp_path / "original.star")
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"):
+        assert original.rows[col].tolist() == table.rows[col].iloc[[3, 0]].tolist()
+    toy = read_star(conformance_dir / "toy_projections.star", pixel_size_angstrom=1.0)
+    toy.rotations, toy.origins_px = rot[[0] * 1000], np.ones((1000, 2))
+    back = read_particles(write_star(tmp_path / "toy.star", toy, [7]))
+    assert _rotation_error(back.rotations, rot[[0]]) < 1e-9
+    np.testing.assert_allclose(back.origins_px, [[1.0, 1.0]])

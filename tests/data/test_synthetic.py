@@ -311,8 +311,8 @@ def recon(tmp_path_factory):
     images, table = _images(star)
     truth = load_truth(ds.truth_dir)
     sel = np.flatnonzero(truth["labels"] == 0)
-    # CTF on the backprojection's padded grid (64 = 2 x 32 pixels, same pixel size)
-    ctf = compute_ctf(64, table.pixel_size_angstrom[0], *(torch.as_tensor(table.ctf[sel, i]) for i in range(6)),
+    # CTF on the image grid, where the simulator applies it (BackprojectionAccumulator.ctf_size)
+    ctf = compute_ctf(32, table.pixel_size_angstrom[0], *(torch.as_tensor(table.ctf[sel, i]) for i in range(6)),
                       dtype=torch.float64)
     rot, shifts = torch.as_tensor(table.rotations[sel]), -torch.as_tensor(table.origins_px[sel])
     vol = backproject(torch.as_tensor(images[sel]).double(), rot, shifts_px=shifts, ctf=ctf, wiener_snr=10.0)

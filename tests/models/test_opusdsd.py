@@ -96,23 +96,36 @@ def test_default_widths_geometry():
 
 
 # ----------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("with_ctf", [False, True])
 @pytest.mark.parametrize("method", ["real", "fourier"])
-def test_renderer_matches_project_real_at_T_equal_D(method):
+def test_renderer_matches_project_real_at_T_equal_D(method, with_ctf):
+    """The model's renderer against :func:`physics.render` (real-space projection, then the CTF
+    on the image grid), with no CTF (an all-zero CTF row means none) and with a real one
+    (astigmatic, phase shift, B-factor, scale), so the renderer's CTF path is pinned too."""
     box = 20
     model = tiny_model(box=box, template=box)
     model.renderer.method = method
     vols = torch.stack([blob_volume(box, (2, 1, -3)), blob_volume(box, (-1, 0, 2))])
     rot = random_rotations(2, generator=torch.Generator().manual_seed(1)).float()
     poses = neighbour_rotations(rot, 2, 10.0)
-    batch = dict(ctf=torch.zeros(2, 9), apix=torch.full((2,), 5.0))
+    ctf = torch.zeros(2, 9)
+    if with_ctf:
+        ctf = torch.tensor([[9000.0, 8000.0, 30.0, 300.0, 2.7, 0.1, 20.0, 40.0, 0.9],
+                            [15000.0, 14500.0, -70.0, 200.0, 2.0, 0.07, 0.0, 0.0, 1.1]])
+    batch = dict(ctf=ctf, apix=torch.full((2,), 5.0))
     images = model.render(vols, poses, batch)
     assert images.shape == (2, 3, box, box)
     for b in range(2):
-        expected = project_real(vols[b], poses[b])
+        table = ctf[b].expand(3, 9)
+        ctf_grid = ctf_table_compute(table, box, batch["apix"][b].expand(3)) if with_ctf else None
+        expected = render(vols[b], poses[b], ctf=ctf_grid)
         if method == "real":
             torch.testing.assert_close(images[b], expected, atol=1e-5, rtol=1e-5)
         else:  # both are interpolations; they agree to a few per cent of the signal
-            assert float((images[b] - expected).norm() / expected.norm()) < 0.06
+            assert float((images[b] - expected).norm() / expected.norm()) < 0.08
+        if with_ctf:  # the CTF matters: without it the images differ grossly
+            plain = project_real(vols[b], poses[b])
+            assert float((images[b] - plain).norm() / plain.norm()) > 0.3
 
 
 def test_encoder_backprojection_puts_mass_at_blob():

@@ -45,6 +45,7 @@ from hetero.data.dataset import ParticleDataset, collate_particles, estimate_nor
 from hetero.data.io.errors import InputError
 from hetero.data.io.readers import read_particles, validate_pixels
 from hetero.data.particles import ParticleTable
+from hetero.data.resample import resample_plan
 from hetero.data.samplers import (
     HealpixBatchSampler,
     RandomBatchSampler,
@@ -72,8 +73,16 @@ class ParticleDataModule(L.LightningDataModule):
     :param poses: cryoDRGN pose pickle (for stack inputs without metadata).
     :param ctf: cryoDRGN CTF pickle (for stack inputs without metadata).
     :param pixel_size_angstrom: pixel size (Å) for stack inputs whose header lacks it.
+    :param voltage_kv: acceleration voltage (kV) for a star file without rlnVoltage.
+    :param spherical_aberration_mm: Cs (mm) for a star file without rlnSphericalAberration.
+    :param amplitude_contrast: for a star file without rlnAmplitudeContrast (RELION 3.0).
+    :param pose_shift_units: ``fraction`` (of the box) or ``pixels``: the translations of a
+        cryoDRGN pose pickle (``data.poses``).
     :param box_size: training box in pixels (Fourier crop on the fly); ``None`` = original.
-    :param invert_contrast: flip the sign of black-density inputs.
+    :param invert_contrast: ``True`` flips the sign of black-density inputs, ``False`` keeps it,
+        ``"auto"`` measures it on a few hundred particles against their own half-map
+        reconstruction (:mod:`hetero.data.contrast`), logs the result, and refuses when it is
+        ambiguous; the decision is saved in the split file and the checkpoint.
     :param normalize: scale images to unit standard deviation (estimated on a sample).
     :param norm_sample_size: number of training images the standard deviation is taken on.
     :param val_fraction: fraction of particles held out for validation (seeded).
@@ -99,8 +108,12 @@ class ParticleDataModule(L.LightningDataModule):
         poses: str | None = None,
         ctf: str | None = None,
         pixel_size_angstrom: float | None = None,
+        voltage_kv: float | None = None,
+        spherical_aberration_mm: float | None = None,
+        amplitude_contrast: float | None = None,
+        pose_shift_units: str = "fraction",
         box_size: int | None = None,
-        invert_contrast: bool = False,
+        invert_contrast: bool | str = False,
         normalize: bool = True,
         norm_sample_size: int = 1000,
         val_fraction: float = 0.05,
@@ -119,18 +132,26 @@ class ParticleDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
-            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise InputError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise InputError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if int(batch_size) < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
         self.particles = particles
         self.datadir = datadir
         self.poses = poses
         self.ctf = ctf
         self.pixel_size_angstrom = pixel_size_angstrom
+        self.acquisition = {
+            "voltage_kv": voltage_kv,
+            "spherical_aberration_mm": spherical_aberration_mm,
+            "amplitude_contrast": amplitude_contrast,
+        }
+        self.pose_shift_units = str(pose_shift_units)
         self.box_size = None if box_size is None else int(box_size)
-        self.invert_contrast = bool(invert_contrast)
+        self.invert_contrast = _contrast_option(invert_contrast)
+        #: the :class:`~hetero.data.contrast.ContrastCheck` of ``invert_contrast="auto"``
+        self.contrast_check = None
         self.normalize = bool(normalize)
         self.norm_sample_size = int(norm_sample_size)
         self.val_fraction = float(val_fraction)
@@ -175,7 +196,8 @@ class ParticleDataModule(L.LightningDataModule):
         path = self._resolve_particles()
         table = read_particles(
             path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
-            pixel_size_angstrom=self.pixel_size_angstrom,
+            pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
+            **self.acquisition,
         )
         n = len(table)
         if n == 0:
@@ -193,11 +215,13 @@ class ParticleDataModule(L.LightningDataModule):
                 f"data.box_size={box} is larger than the images ({table.box_size} px): images are "
                 "zero-padded in Fourier space (no information gained)"
             )
-        apix_values = np.unique(table.pixel_size_angstrom)
-        if len(apix_values) > 1:
-            log.warning(
-                f"{path}: {len(apix_values)} different pixel sizes {apix_values.tolist()}; batches "
-                "carry per-particle apix, info() reports the most common one"
+        plan = resample_plan(table.pixel_size_angstrom, table.box_size, box)
+        if plan.needed:
+            log.info(
+                f"{path}: optics groups have pixel sizes "
+                f"{sorted(set(np.round(table.pixel_size_angstrom, 4).tolist()))[:6]} Å; every "
+                f"image is Fourier-resampled to {plan.apix_train:.4g} Å/px at box {box} (scale "
+                f"error at the box edge {plan.edge_error_px:.3f} px)"
             )
         check = getattr(self.particles, "check", None)
         if callable(check):
@@ -224,6 +248,9 @@ class ParticleDataModule(L.LightningDataModule):
         if norm is None:
             norm = self._estimate_norm()
         self.norm_mean, self.norm_scale = float(norm[0]), float(norm[1])
+        if self.invert_contrast == "auto":
+            decided = saved.get("invert_contrast") if saved is not None else None
+            self.invert_contrast = decided if decided is not None else self._check_contrast(path)
         self._build_datasets()
         self._save_split_file()
         log.info(
@@ -235,7 +262,7 @@ class ParticleDataModule(L.LightningDataModule):
         """Plain geometry/count values models are built from (valid after ``setup``).
 
         Keys: ``n_particles, n_train, n_val, original_box, original_apix, box_size, apix,
-        has_poses, has_ctf``; ``apix = original_apix * original_box / box_size`` (Å/px; the most
+        has_poses, has_ctf, particles_file``; ``apix = original_apix * original_box / box_size`` (Å/px; the most
         common pixel size when optics groups differ).
         """
         if self.table is None:
@@ -253,6 +280,7 @@ class ParticleDataModule(L.LightningDataModule):
             "apix": apix0 * original_box / box,
             "has_poses": self.table.rotations is not None,
             "has_ctf": self.table.ctf is not None,
+            "particles_file": str(self.particles_path or self.table.source),
         }
 
     # -- loaders ------------------------------------------------------------------------------
@@ -291,7 +319,7 @@ class ParticleDataModule(L.LightningDataModule):
         if world > 1 and getattr(
             getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False
         ):
-            raise ValueError(
+            raise InputError(
                 "ParticleDataModule shards batches itself: build the Trainer with "
                 "use_distributed_sampler=False"
             )
@@ -344,6 +372,7 @@ class ParticleDataModule(L.LightningDataModule):
             "norm_mean": self.norm_mean,
             "norm_scale": self.norm_scale,
             "box_size": int(self.box_size or self.table.box_size),
+            "invert_contrast": self.invert_contrast,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -375,6 +404,8 @@ class ParticleDataModule(L.LightningDataModule):
         self.half_sets_source = str(state.get("half_sets_source", self.half_sets_source))
         self.norm_mean = float(state["norm_mean"])
         self.norm_scale = float(state["norm_scale"])
+        if isinstance(state.get("invert_contrast"), bool):
+            self.invert_contrast = state["invert_contrast"]
 
     # -- internals ----------------------------------------------------------------------------
     def _resolve_particles(self) -> str:
@@ -420,6 +451,32 @@ class ParticleDataModule(L.LightningDataModule):
         halves = np.zeros(n, dtype=np.int8)
         halves[perm[n // 2 :]] = 1
         return halves, "random"
+
+    def _check_contrast(self, path: str) -> bool:
+        """``invert_contrast="auto"``: measure the contrast sign (module :mod:`hetero.data.contrast`)."""
+        from hetero.data.contrast import measure_contrast
+
+        if self.table.rotations is None:
+            log.warning(
+                f"{path}: data.invert_contrast=auto needs poses to check the contrast; keeping "
+                "the stored contrast (pass data.invert_contrast=true|false to state it)"
+            )
+            return False
+        probe = ParticleDataset(
+            self.table, box_size=self.box_size, indices=self.train_indices, scale=self.norm_scale
+        )
+        check = measure_contrast(probe, seed=self.split_seed)
+        self.contrast_check = check
+        log.info(f"{path}: {check.describe()}")
+        if check.invert is None:
+            raise InputError(
+                f"{path}: data.invert_contrast=auto could not tell whether the protein is white "
+                f"or black ({check.describe()}); pass data.invert_contrast=false (white density, "
+                "RELION's convention) or data.invert_contrast=true (black density)"
+            )
+        if check.invert:
+            log.warning(f"{path}: the particles have black density; inverting them (white density)")
+        return bool(check.invert)
 
     def _estimate_norm(self) -> tuple[float, float]:
         if not self.normalize:
@@ -474,7 +531,9 @@ class ParticleDataModule(L.LightningDataModule):
         ):
             norm = (float(data["norm_mean"]), float(data["norm_scale"]))
         log.info(f"Reusing the train/val split and half sets of {self.split_file}")
+        invert = bool(data["invert_contrast"]) if "invert_contrast" in data else None
         return {
+            "invert_contrast": invert,
             "train": train,
             "val": val,
             "halves": data["half_sets"].astype(np.int8),
@@ -501,12 +560,24 @@ class ParticleDataModule(L.LightningDataModule):
             "norm_box_size": np.int64(self.box_size or self.table.box_size),
             "source": np.str_(self.particles_path or ""),
         }
+        if isinstance(self.invert_contrast, bool):
+            arrays["invert_contrast"] = np.bool_(self.invert_contrast)
 
         def write(p: Path) -> None:
             with open(p, "wb") as fh:
                 np.savez(fh, **arrays)
 
         atomic_write(self.split_file, write)
+
+
+def _contrast_option(value: Any) -> bool | str:
+    """``data.invert_contrast``: ``True``/``False``/``"auto"`` (YAML or command-line spellings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return "auto" if text == "auto" else text == "true"
+    raise InputError(f"data.invert_contrast={value!r}; expected true, false or auto")
 
 
 def _fingerprint(table: ParticleTable) -> int:

@@ -21,7 +21,12 @@ Image transform, in this order (``D0`` = original box, ``D`` = training box)::
 
     x = stack image (D0, D0) float32
     x = fourier_crop_2d(x, D)                 # only when D != D0; keeps the pixel-value scale
-    image = sign * (x - mean) * scale         # sign = -1 if invert_contrast else +1
+    image = sign * (x - mean) * scale         # sign = image_sign * (-1 if invert_contrast else +1)
+
+``image_sign`` is the table's per-particle factor to white density (cryoSPARC ``blob/sign``).
+Optics groups with different pixel sizes: each particle is Fourier-resampled to the most
+common pixel size instead of the plain crop (:mod:`hetero.data.resample`), so every item has
+the same ``apix``; the origin follows.
 
 ``mean`` and ``scale`` refer to the (cropped) raw pixel values; :class:`~hetero.data.datamodule.ParticleDataModule`
 estimates ``scale = 1 / std`` on a sample of training images and keeps ``mean = 0`` (a shift
@@ -58,6 +63,7 @@ from torch.utils.data import Dataset, default_collate
 from hetero.data.io.errors import InputError
 from hetero.data.io.mrc import StackCollection
 from hetero.data.particles import BATCH_KEYS, ParticleTable
+from hetero.data.resample import MAX_EDGE_ERROR_PX, resample_images, resample_plan
 from hetero.physics.fourier import fourier_crop_2d
 from hetero.physics.healpix import healpix_class
 
@@ -120,7 +126,7 @@ class ParticleDataset(Dataset):
         self.original_box = int(table.box_size)
         self.box_size = self.original_box if box_size is None else int(box_size)
         if self.box_size < 2:
-            raise ValueError(f"box_size must be >= 2 pixels, got {self.box_size}")
+            raise InputError(f"data.box_size must be >= 2 pixels, got {self.box_size}")
         self.invert_contrast = bool(invert_contrast)
         self.scale = float(scale)
         self.mean = float(mean)
@@ -136,6 +142,27 @@ class ParticleDataset(Dataset):
         origins = table.origins_px[idx] if table.origins_px is not None else np.zeros((len(idx), 2))
         self._origin = (origins * ratio).astype(np.float32)
         self._apix = (table.pixel_size_angstrom[idx] / ratio).astype(np.float32)
+        #: per-item Fourier size when optics groups differ in pixel size (else ``None``)
+        self._sizes: np.ndarray | None = None
+        plan = resample_plan(table.pixel_size_angstrom, self.original_box, self.box_size)
+        if plan.needed:
+            if plan.edge_error_px > MAX_EDGE_ERROR_PX:
+                raise InputError(
+                    f"{table.source or 'particle table'}: optics groups have pixel sizes "
+                    f"{sorted(set(np.round(table.pixel_size_angstrom, 4).tolist()))[:6]} Å; "
+                    f"resampling them to {plan.apix_train:.4g} Å/px at box {self.box_size} leaves "
+                    f"a scale error of {plan.edge_error_px:.2f} px at the box edge (limit "
+                    f"{MAX_EDGE_ERROR_PX}); choose another data.box_size or rescale the particles "
+                    "to one pixel size (relion_image_handler --rescale_angpix)"
+                )
+            apix0 = table.pixel_size_angstrom[idx]
+            self._sizes = plan.sizes[idx]
+            self._origin = (origins * (apix0 / plan.apix_train)[:, None]).astype(np.float32)
+            self._apix = np.full(len(idx), plan.apix_train, dtype=np.float32)
+        sign = table.image_sign
+        self._sign = (
+            None if sign is None or bool(np.all(sign[idx] > 0)) else sign[idx].astype(np.float32)
+        )
         self.has_poses = table.rotations is not None
         self.has_ctf = table.ctf is not None
         self._rot = table.rotations[idx].astype(np.float32) if self.has_poses else None
@@ -177,10 +204,20 @@ class ParticleDataset(Dataset):
         return 12 * self.healpix_nside**2
 
     # -- pixels -------------------------------------------------------------------------------
-    def _transform(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, D0, D0)`` raw float32 -> ``(B, D, D)`` cropped, normalised, white images."""
+    def resample(self, images: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """Geometry only: ``(B, D0, D0)`` raw images of dataset ``positions`` -> ``(B, D, D)`` at
+        the training pixel size (Fourier crop, or per-particle resampling across optics groups)."""
+        if self._sizes is not None:
+            return resample_images(images, self._sizes[np.asarray(positions)], self.box_size)
         if self.box_size != self.original_box:
-            images = fourier_crop_2d(images, self.box_size).to(torch.float32)
+            return fourier_crop_2d(images, self.box_size).to(torch.float32)
+        return images
+
+    def _transform(self, images: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """``(B, D0, D0)`` raw float32 -> ``(B, D, D)`` cropped, normalised, white images."""
+        images = self.resample(images, positions)
+        if self._sign is not None:
+            images = images * torch.from_numpy(self._sign[np.asarray(positions)])[:, None, None]
         factor = -self.scale if self.invert_contrast else self.scale
         if self.mean != 0.0:
             images = images - self.mean
@@ -240,7 +277,7 @@ class ParticleDataset(Dataset):
         if pos.size and (pos.min() < -len(self) or pos.max() >= len(self)):
             raise IndexError(f"dataset positions out of range [0, {len(self)})")
         pos = pos % max(len(self), 1)
-        images = self._transform(torch.from_numpy(self.read_raw(pos)))
+        images = self._transform(torch.from_numpy(self.read_raw(pos)), pos)
         batch = {"image": images, **self._meta(pos)}
         return ParticleBatch((k, batch[k]) for k in BATCH_KEYS)
 
@@ -350,9 +387,7 @@ def estimate_normalization(
                 f"{dataset.source or 'the input'}) contains NaN or inf pixel values; re-extract "
                 "or remove it"
             )
-        if dataset.box_size != dataset.original_box:
-            raw = fourier_crop_2d(raw, dataset.box_size)
-        x = raw.to(torch.float64)
+        x = dataset.resample(raw, chunk_pos).to(torch.float64)
         total += float(x.sum())
         total_sq += float((x * x).sum())
         count += x.numel()

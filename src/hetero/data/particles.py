@@ -11,6 +11,9 @@ follow :mod:`hetero.physics.conventions`:
   ``t = -origin``.
 - ``ctf``: ``(N, 9)`` in :data:`hetero.physics.ctf.CTF_COLUMNS` order (Å, degrees, kV, mm).
 - ``pixel_size_angstrom``: ``(N,)`` per particle (from its optics group).
+- ``image_sign``: ``(N,)`` +1/-1 per particle, or ``None`` (all +1): the factor that brings
+  the stored pixels to white density (cryoSPARC's ``blob/sign``); the dataset applies it
+  before the user's ``invert_contrast``.
 
 The batch contract (what ``ParticleDataset.__getitem__`` returns, collated into ``(B, ...)``):
 
@@ -45,12 +48,15 @@ class ParticleTable:
 
     :param image_paths: ``(N,)`` absolute paths of the stack holding each image (str objects).
     :param image_indices: ``(N,)`` 0-based index of each image within its stack.
-    :param box_size: side of the original images (pixels); all particles share it.
+    :param box_size: side of the original images (pixels); all particles share it. ``None``
+        only for metadata-only reads of a star without ``rlnImageSize`` whose stacks are absent.
     :param pixel_size_angstrom: ``(N,)`` original pixel size (Å/px).
     :param rotations: ``(N, 3, 3)`` float64, or ``None`` when the input has no poses.
     :param origins_px: ``(N, 2)`` float64 RELION origins in original pixels (zeros if absent).
     :param ctf: ``(N, 9)`` float64 CTF table, or ``None`` when the input has no CTF.
     :param half_set: ``(N,)`` int8 in {0, 1}, or ``None`` (``rlnRandomSubset - 1`` when given).
+    :param image_sign: ``(N,)`` float in {+1, -1} multiplying the stored pixels (white density),
+        or ``None`` for all +1.
     :param optics_group: ``(N,)`` int 1-based RELION optics group (all ones if absent).
     :param optics: the original optics table (pandas DataFrame) when read from a star file.
     :param rows: the original per-particle rows (pandas DataFrame) to write subsets back out.
@@ -59,12 +65,13 @@ class ParticleTable:
 
     image_paths: np.ndarray
     image_indices: np.ndarray
-    box_size: int
+    box_size: int | None
     pixel_size_angstrom: np.ndarray
     rotations: np.ndarray | None = None
     origins_px: np.ndarray | None = None
     ctf: np.ndarray | None = None
     half_set: np.ndarray | None = None
+    image_sign: np.ndarray | None = None
     optics_group: np.ndarray | None = None
     optics: object | None = None
     rows: object | None = None
@@ -82,7 +89,10 @@ class ParticleTable:
             self.origins_px = np.zeros((n, 2))
         if self.optics_group is None:
             self.optics_group = np.ones(n, dtype=np.int64)
-        for name in ("image_paths", "rotations", "origins_px", "ctf", "half_set", "optics_group"):
+        if self.image_sign is not None:
+            self.image_sign = np.asarray(self.image_sign, dtype=np.float64).reshape(-1)
+        names = ("image_paths", "rotations", "origins_px", "ctf", "half_set", "image_sign", "optics_group")
+        for name in names:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(
@@ -112,6 +122,7 @@ class ParticleTable:
             origins_px=take(self.origins_px),
             ctf=take(self.ctf),
             half_set=take(self.half_set),
+            image_sign=take(self.image_sign),
             optics_group=take(self.optics_group),
             rows=rows,
             extra=dict(self.extra),
@@ -126,11 +137,14 @@ class ParticleTable:
         return list(seen)
 
     def check_files_exist(self) -> None:
-        """Raise ``FileNotFoundError`` naming the first missing stack and how many rows use it."""
+        """Raise :class:`MissingFileError` (a ``FileNotFoundError``) naming the first missing
+        stack and how many rows use it."""
+        from hetero.data.io.errors import MissingFileError  # the io package imports this module
+
         for p in self.stacks:
             if not Path(p).exists():
                 count = int(np.sum(self.image_paths == p))
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{self.source}: image stack {p} (referenced by {count} particles) does not "
                     "exist; pass data.datadir=<folder holding the stacks> if they were moved"
                 )

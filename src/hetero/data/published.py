@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hetero.data.io.errors import MissingFileError
+
 log = logging.getLogger(__name__)
 
 
-class PublishedDatasetMissing(FileNotFoundError):
+class PublishedDatasetMissing(MissingFileError):
     """The consensus star file of a published dataset is not where the config expects it."""
 
 

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from hetero.data.io.errors import InputError
 from hetero.models.components.renderer import Renderer, has_ctf, recenter_images
 
 
@@ -38,6 +39,8 @@ class HeteroModel(L.LightningModule):
     """
 
     latent_dim: int = 0
+    #: the model renders at the consensus poses: data without poses is refused
+    requires_poses: bool = True
 
     def __init__(
         self,
@@ -50,6 +53,13 @@ class HeteroModel(L.LightningModule):
         **data_info,
     ) -> None:
         super().__init__()
+        if self.requires_poses and data_info.get("has_poses") is False:
+            raise InputError(
+                f"{data_info.get('particles_file') or 'the particle input'}: no poses "
+                f"(orientations) found, but {type(self).__name__} renders every image at its "
+                "consensus pose; give a consensus refinement with angles (rlnAngleRot/Tilt/Psi, "
+                "alignments3D/pose) or data.poses=<cryoDRGN pose pickle>"
+            )
         self.box_size = int(box_size)
         self.apix = float(apix)
         self.template_size = int(template_size or box_size)

@@ -74,12 +74,15 @@ class HomogeneousModel(HeteroModel):
 
     @torch.no_grad()
     def _initialize_from_backprojection(self) -> None:
-        """Wiener backprojection of up to ``init_max_particles`` training images (every rank
-        sees the same images, so ranks start identical)."""
+        """Wiener backprojection of up to ``init_max_particles`` training images. Under DDP each
+        rank inserts its own shard (``init_max_particles / world_size`` images) and the sums are
+        all-reduced, so every rank starts from the same map."""
         loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else None
         if loader is None:
             return
         acc = BackprojectionAccumulator(self.box_size, pad_factor=2, device=self.device)
+        world = int(getattr(self.trainer, "world_size", 1) or 1)
+        limit = -(-self.init_max_particles // world)
         seen = 0
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -90,8 +93,14 @@ class HomogeneousModel(HeteroModel):
                 ctf = ctf_table_compute(batch["ctf"].float(), acc.ctf_size, batch["apix"].float())
             acc.add(self.targets(batch), batch["rotation"].float(), None, ctf)
             seen += batch["image"].shape[0]
-            if seen >= self.init_max_particles:
+            if seen >= limit:
                 break
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(acc.weight)
+            torch.distributed.all_reduce(torch.view_as_real(acc.numerator))
+            total = torch.tensor([seen], dtype=torch.float64, device=acc.weight.device)
+            torch.distributed.all_reduce(total)
+            seen = int(total.item())
         if seen == 0:
             return
         volume = acc.reconstruct(wiener_snr=1.0).float()

@@ -15,6 +15,13 @@ Arrays and axes
 * Densities are *white*: a protein has positive values in volumes and in (CTF-free)
   projections. RELION's CTF is positive at zero frequency, so experimental images,
   once contrast-inverted during extraction as RELION requires, are white too.
+  Inputs that store black particles are brought to white when they are read:
+  cryoSPARC's ``blob/sign`` (``-1`` for its default, dark-protein extraction) multiplies
+  the pixels (``ParticleTable.image_sign``); any other source is checked by
+  ``data.invert_contrast: auto`` (the default), which reconstructs a half map of a few
+  hundred particles with their poses and CTF and takes the sign of its skewness inside the
+  particle (protein is a few dense features on flat solvent), refusing when ambiguous
+  (:mod:`hetero.data.contrast`). ``data.invert_contrast=true|false`` states it instead.
 
 Rotations (RELION ``Euler_angles2matrix``)
 ------------------------------------------
@@ -61,7 +68,9 @@ so ``CTF(0) = scale * Q0 > 0``.
 
 Other tools, converted on reading
 ---------------------------------
-* **cryoSPARC** ``.cs``: ``alignments3D/pose`` is an axis-angle (rotation-vector) ``w``;
+* **cryoSPARC** ``.cs``: ``blob/sign`` is the factor to white density (see above);
+  ``alignments3D/alpha`` (per-particle amplitude scale) multiplies the CTF scale.
+  ``alignments3D/pose`` is an axis-angle (rotation-vector) ``w``;
   ``R = expm([w]_x)`` is RELION's ``A`` transposed (``A = R.T``), as in cryoDRGN's
   ``parse_pose_csparc``. ``alignments3D/shift`` is in pixels of the ``blob`` and equals RELION's
   origin (``origin_px = shift``). Defocus in ``ctf/df1_A``/``df2_A`` (U/V, Å), ``ctf/df_angle_rad``

@@ -75,3 +75,19 @@ def soft_mask_from_volume(
         mask = mask + shell * 0.5 * (1 + math.cos(math.pi * step / (soft_edge_px + 1)))
         previous = grown
     return mask.clamp(0, 1)
+
+
+def soft_mask_outside_map(volume: Tensor, radius: float | None = None, width: float = 3.0) -> Tensor:
+    """RELION's ``softMaskOutsideMap``: voxels beyond ``radius + width`` (default radius
+    ``D / 2``) are replaced by the background average, with a raised-cosine blend over
+    ``width`` voxels; the average is taken over the same blend weights. ``relion_reconstruct``
+    applies it to every reconstruction (it removes the aliasing of gridding from the corners).
+
+    :param volume: ``(D, D, D)``. :return: a new ``(D, D, D)`` tensor.
+    """
+    d = volume.shape[-1]
+    radius = d / 2 if radius is None else float(radius)
+    r = radius_grid(tuple(volume.shape), device=volume.device, dtype=volume.dtype)
+    outside = 1.0 - _raised_cosine(r, radius, width)
+    background = (volume * outside).sum() / outside.sum().clamp(min=1e-12)
+    return volume * (1 - outside) + background * outside

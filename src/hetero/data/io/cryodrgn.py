@@ -8,7 +8,11 @@ else (``os.system``, ``builtins.eval``, ``pathlib.Path``...) raises
 Mapping to RELION's conventions (:mod:`hetero.physics.conventions`):
 
 - pose pickles ``(rot (N, 3, 3), trans (N, 2))`` or ``rot`` alone: ``rot`` *is* RELION's ``A``;
-  ``trans`` is RELION's origin as a fraction of the box, ``origins_px = trans * D``.
+  ``trans`` is RELION's origin as a fraction of the box, ``origins_px = trans * D``
+  (``shift_units="fraction"``, cryoDRGN's format since 0.3); old pickles stored pixels
+  (``shift_units="pixels"``: ``origins_px = trans``). A particle centre outside the image
+  (``|origin| > D / 2`` on either axis) is an error naming the row and the option, which is
+  how a pixel-valued pickle read as fractions shows.
 - CTF pickles ``(N, 9) = (D, Apix, dfU, dfV, dfAng, kV, Cs, w, phase_shift)`` with RELION's units
   (Å, degrees, kV, mm) -> :data:`hetero.physics.ctf.CTF_COLUMNS` order with B-factor 0, scale 1.
 
@@ -28,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.data.io.errors import InputError, MissingFileError
+from hetero.data.io.errors import InputError, MissingFileError, UnsafePickleError
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -65,7 +69,7 @@ def _numpy_global(module: str, name: str):
             return getattr(importlib.import_module(f"{core}.{submodule}"), name)
         except (ImportError, AttributeError):
             continue
-    raise pickle.UnpicklingError(f"cannot resolve {module}.{name} in this numpy version")
+    raise UnsafePickleError(f"cannot resolve {module}.{name} in this numpy version")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -81,7 +85,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise UnsafePickleError(
                 f"{self.source}: refusing to load global '{module}.{name}' from a pickle; only "
                 "numpy arrays, tuples, lists and dicts are allowed (the file may be malicious or "
                 "not a cryoDRGN pickle)"
@@ -97,8 +101,9 @@ def safe_load_pickle(path: str | Path):
     """Load a pickle holding only numpy arrays/scalars, tuples, lists and dicts.
 
     :raises MissingFileError: the file does not exist.
-    :raises pickle.UnpicklingError: the pickle references any other global (named in the
-        message, with the file); nothing from it has been executed.
+    :raises UnsafePickleError: (an :class:`InputError` and a ``pickle.UnpicklingError``) the
+        pickle references any other global (named in the message, with the file); nothing
+        from it has been executed.
     :raises InputError: the file is not a readable pickle.
     """
     path = Path(path)
@@ -129,15 +134,26 @@ def _array(path: Path, obj, what: str) -> np.ndarray:
     return values
 
 
-def read_cryodrgn_poses(path: str | Path, box_size: int) -> tuple[np.ndarray, np.ndarray]:
+SHIFT_UNITS = ("fraction", "pixels")
+
+
+def read_cryodrgn_poses(
+    path: str | Path, box_size: int, shift_units: str = "fraction"
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a cryoDRGN pose pickle.
 
     :param path: pickle of ``(rot (N, 3, 3), trans (N, 2))`` or of ``rot`` alone.
     :param box_size: side ``D`` (pixels) of the images the translations refer to.
+    :param shift_units: ``"fraction"`` (of the box, cryoDRGN's format) or ``"pixels"``.
     :return: ``(rotations (N, 3, 3) float64`` RELION ``A``, ``origins_px (N, 2) float64)`` with
-        ``origins_px = trans * D`` (zeros without ``trans``).
-    :raises InputError: wrong structure/shapes, NaN, or matrices that are not rotations.
+        ``origins_px = trans * D`` or ``trans`` (zeros without ``trans``).
+    :raises InputError: wrong structure/shapes, NaN, matrices that are not rotations, or a
+        shift that puts the particle centre outside the image.
     """
+    if shift_units not in SHIFT_UNITS:
+        raise InputError(
+            f"data.pose_shift_units={shift_units!r}; expected one of {', '.join(SHIFT_UNITS)}"
+        )
     path = Path(path)
     obj = safe_load_pickle(path)
     trans = None
@@ -174,12 +190,19 @@ def read_cryodrgn_poses(path: str | Path, box_size: int) -> tuple[np.ndarray, np
             f"{path}: translations have shape {trans.shape}; expected ({n}, 2) to match the "
             f"{n} rotations"
         )
-    if n and np.abs(trans).max() > 0.5:
-        log.warning(
-            f"{path}: some translations exceed half the box ({np.abs(trans).max():.3g}); cryoDRGN "
-            "stores them as a fraction of the box; pixel-valued pickles would be misread"
+    origins = trans * float(box_size) if shift_units == "fraction" else trans
+    outside = np.abs(origins).max(axis=1) > box_size / 2 if n else np.zeros(0, dtype=bool)
+    if outside.any():
+        i = int(np.argmax(outside))
+        other = "pixels" if shift_units == "fraction" else "fraction"
+        raise InputError(
+            f"{path}: translation of row {i} (0-based) is {trans[i].tolist()}, read as "
+            f"{'a fraction of the box (cryoDRGN' + chr(39) + 's convention)' if shift_units == 'fraction' else 'pixels'}"
+            f": an origin of {np.round(origins[i], 2).tolist()} px puts the particle "
+            f"centre outside the {box_size}-px image. If the pickle stores {other} (older "
+            f"cryoDRGN pose pickles stored pixels), pass data.pose_shift_units={other}"
         )
-    return rot, trans * float(box_size)
+    return rot, origins
 
 
 def read_cryodrgn_ctf(path: str | Path) -> tuple[np.ndarray, int, np.ndarray]:

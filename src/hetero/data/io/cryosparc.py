@@ -13,6 +13,16 @@ Mapping to RELION's conventions (:mod:`hetero.physics.conventions`):
 - ``blob/idx`` is 0-based; ``blob/path`` is bytes, a leading ``>`` (relative to the cryoSPARC
   project directory) is stripped.
 - ``alignments3D/split`` (0/1) -> ``half_set``.
+- ``blob/sign`` (``-1`` for the usual dark-protein extraction) -> ``image_sign``: the
+  dataset multiplies the pixels by it, which brings them to hetero's white density
+  (:mod:`hetero.physics.conventions`); logged.
+- ``alignments3D/alpha`` (cryoSPARC's per-particle amplitude scale) multiplies the CTF scale;
+  ``ctf/anisomag``, ``ctf/tetra_A``, ``ctf/shift_A``, ``ctf/trefoil_A`` are not modelled and are
+  named in one warning (:mod:`hetero.data.io.star_optics`).
+
+Large headers: a ``.cs`` from a job with many classes carries per-class fields and a numpy
+header of tens of kB, beyond numpy's default limit; it is read with a 1 MiB limit, still with
+``allow_pickle=False`` (the header is parsed by ``ast.literal_eval``, nothing is executed).
 
 Example usage::
 
@@ -25,12 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.data.io._paths import default_bases, resolve_column
+from hetero.data.io._paths import default_bases, describe_matches, resolve_column
 from hetero.data.io.errors import InputError, MissingFileError
+from hetero.data.io.star_optics import warn_unmodelled_cs_fields
 from hetero.data.particles import ParticleTable
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
+
+#: numpy header limit for ``.cs`` files (numpy's default, 10,000 bytes, refuses the header of
+#: a 100-class job's particles, about 33 kB).
+MAX_HEADER_BYTES = 2**20
 
 _CTF_REQUIRED = (
     "ctf/df1_A",
@@ -103,7 +118,7 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
     if not path.is_file():
         raise MissingFileError(f"{path}: cryoSPARC .cs file does not exist")
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False, max_header_size=MAX_HEADER_BYTES)
     except Exception as err:
         raise InputError(
             f"{path}: not a cryoSPARC .cs file (numpy structured array): "
@@ -129,7 +144,11 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
     empty = stack_names == ""
     if empty.any():
         raise InputError(f"{path}: blob/path of row {int(np.argmax(empty))} (0-based) is empty")
-    image_paths = resolve_column(stack_names, default_bases(path, levels=2), datadir)
+    matched: dict[str, str | None] = {}
+    image_paths = resolve_column(stack_names, default_bases(path), datadir, matched)
+    note = describe_matches(path, matched)
+    if note:
+        log.info(note)
     idx = data["blob/idx"].astype(np.int64)
     if (idx < 0).any():
         raise InputError(f"{path}: blob/idx of row {int(np.argmax(idx < 0))} is negative")
@@ -201,6 +220,10 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
             values = _field(data, name)
             return np.full(n, default) if values is None else _finite(path, name, values, True)
 
+        alpha = _field(data, "alignments3D/alpha")
+        scale = get("ctf/scale", 1.0)
+        if alpha is not None:
+            scale = scale * _finite(path, "alignments3D/alpha", alpha, True)
         ctf = np.stack(
             [
                 get("ctf/df1_A", 0.0),
@@ -211,7 +234,7 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
                 get("ctf/amp_contrast", 0.0),
                 np.rad2deg(get("ctf/phase_shift_rad", 0.0)),
                 get("ctf/bfactor", 0.0),
-                get("ctf/scale", 1.0),
+                scale,
             ],
             axis=1,
         )
@@ -228,10 +251,11 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
             )
         half = split.astype(np.int8)
 
+    warn_unmodelled_cs_fields(path, {f: data[f] for f in names if f.startswith("ctf/")})
     extra: dict = {"format": "cryosparc"}
-    sign = _field(data, "blob/sign")
-    if sign is not None:
-        extra["blob_sign"] = np.asarray(sign, dtype=np.float64)
+    image_sign = _image_sign(path, _field(data, "blob/sign"))
+    if image_sign is not None:
+        extra["blob_sign"] = image_sign
     return ParticleTable(
         image_paths=image_paths,
         image_indices=idx,
@@ -241,6 +265,25 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
         origins_px=origins,
         ctf=ctf,
         half_set=half,
+        image_sign=image_sign,
         source=str(path),
         extra=extra,
     )
+
+
+def _image_sign(path: Path, sign: np.ndarray | None) -> np.ndarray | None:
+    """``blob/sign`` as ``image_sign`` (+1/-1 per particle), logged; other values raise."""
+    if sign is None:
+        return None
+    sign = _finite(path, "blob/sign", sign)
+    bad = (sign != 1.0) & (sign != -1.0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"{path}: blob/sign of row {i} (0-based) is {sign[i]:g}; expected 1 or -1")
+    n_neg = int((sign < 0).sum())
+    if n_neg:
+        log.info(
+            f"{path}: blob/sign is -1 for {n_neg} of {len(sign)} particles (dark protein, "
+            "cryoSPARC's default); their pixels are multiplied by -1 to give white density"
+        )
+    return sign

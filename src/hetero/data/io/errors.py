@@ -6,6 +6,8 @@ image index and what was expected, so that users can fix their input without rea
 
 from __future__ import annotations
 
+import pickle
+
 
 class InputError(ValueError):
     """A user-supplied file is missing, malformed or inconsistent."""
@@ -17,3 +19,8 @@ class StackIndexError(InputError, IndexError):
 
 class MissingFileError(InputError, FileNotFoundError):
     """A referenced input file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+class UnsafePickleError(InputError, pickle.UnpicklingError):
+    """A pickle references a global outside the allowed numpy/container set (also a
+    :class:`pickle.UnpicklingError`); nothing from it was executed."""

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from hetero.data.io._paths import resolve_names
-from hetero.data.io.cryodrgn import read_cryodrgn_ctf, read_cryodrgn_poses
+from hetero.data.io.cryodrgn import SHIFT_UNITS, read_cryodrgn_ctf, read_cryodrgn_poses
 from hetero.data.io.cryosparc import read_cs
 from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.mrc import ImageStack, StackCollection, read_header
@@ -125,11 +125,15 @@ def _stack_table(
 
 
 def _apply_pickles(
-    table: ParticleTable, path: Path, poses: str | Path | None, ctf: str | Path | None
+    table: ParticleTable,
+    path: Path,
+    poses: str | Path | None,
+    ctf: str | Path | None,
+    shift_units: str = "fraction",
 ) -> ParticleTable:
     n = len(table)
     if poses is not None:
-        rotations, origins = read_cryodrgn_poses(poses, table.box_size)
+        rotations, origins = read_cryodrgn_poses(poses, table.box_size, shift_units)
         if len(rotations) != n:
             raise InputError(f"{poses}: {len(rotations)} poses but {path} has {n} particles")
         if table.rotations is not None:
@@ -143,6 +147,43 @@ def _apply_pickles(
             log.warning(f"CTF parameters from {ctf} replace those in {path}")
         table.ctf = ctf_table
     return table
+
+
+_ACQUISITION = (("voltage_kv", 3), ("spherical_aberration_mm", 4), ("amplitude_contrast", 5))
+
+
+def _check_acquisition(table: ParticleTable, given: dict[str, float | None]) -> None:
+    """Stated acquisition values against a non-STAR input's CTF table (STAR files apply them)."""
+    for key, column in _ACQUISITION:
+        value = given.get(key)
+        if value is None:
+            continue
+        if table.ctf is None:
+            raise InputError(
+                f"{table.source}: data.{key}={value} was given but the input has no CTF "
+                "parameters to apply it to (pass a CTF with data.ctf=<cryoDRGN CTF pickle>)"
+            )
+        found = table.ctf[:, column]
+        if np.any(np.abs(found - value) > 1e-6 * max(1.0, abs(value))):
+            raise InputError(
+                f"{table.source}: data.{key}={value} was given but the input says "
+                f"{sorted(set(np.round(found, 6).tolist()))[:5]}; remove the override"
+            )
+
+
+def _resolve_box(table: ParticleTable, path: Path) -> None:
+    """A star without ``rlnImageSize``: the box from the first stack's header."""
+    if table.box_size is not None or len(table) == 0:
+        return
+    first = str(table.image_paths[0])
+    try:
+        table.box_size = ImageStack(first).box_size
+    except MissingFileError:
+        raise MissingFileError(
+            f"{path}: the file has no rlnImageSize, so the box size is read from the first "
+            f"image stack, {first}, which does not exist; pass datadir=<folder holding the "
+            "stacks> (config: data.datadir) if they were moved"
+        ) from None
 
 
 def _check_finite(table: ParticleTable) -> None:
@@ -203,6 +244,10 @@ def read_particles(
     poses: str | Path | None = None,
     ctf: str | Path | None = None,
     pixel_size_angstrom: float | None = None,
+    voltage_kv: float | None = None,
+    spherical_aberration_mm: float | None = None,
+    amplitude_contrast: float | None = None,
+    pose_shift_units: str = "fraction",
 ) -> ParticleTable:
     """Read any supported particle input and validate it (headers and metadata only).
 
@@ -212,6 +257,11 @@ def read_particles(
     :param ctf: cryoDRGN CTF pickle; for star/cs inputs it replaces their CTF (warning).
     :param pixel_size_angstrom: Å/px for inputs that lack it (stack headers often do); for
         stacks it takes precedence over the CTF pickle and the header.
+    :param voltage_kv, spherical_aberration_mm, amplitude_contrast: acquisition values for a
+        star file that lacks the columns (RELION 3.0 files often lack rlnAmplitudeContrast);
+        for other inputs they must agree with the CTF they carry.
+    :param pose_shift_units: units of the translations in a cryoDRGN pose pickle,
+        ``"fraction"`` (of the box, cryoDRGN's format) or ``"pixels"``.
     :return: the validated :class:`ParticleTable` (input order).
     :raises InputError: (or its subclasses) naming the file and what is wrong, before any
         pixel is read.
@@ -225,8 +275,15 @@ def read_particles(
         )
     if not path.is_file():
         raise MissingFileError(f"{path}: particle file does not exist")
+    if pose_shift_units not in SHIFT_UNITS:
+        raise InputError(
+            f"data.pose_shift_units={pose_shift_units!r}; expected one of {', '.join(SHIFT_UNITS)}"
+        )
+    given = {"voltage_kv": voltage_kv, "spherical_aberration_mm": spherical_aberration_mm,
+             "amplitude_contrast": amplitude_contrast}
     if suffix == ".star":
-        table = read_star(path, datadir=datadir, pixel_size_angstrom=pixel_size_angstrom)
+        table = read_star(path, datadir=datadir, pixel_size_angstrom=pixel_size_angstrom, **given)
+        _resolve_box(table, path)
     elif suffix == ".cs":
         table = read_cs(path, datadir=datadir)
     elif suffix == ".txt":
@@ -235,7 +292,9 @@ def read_particles(
         table = _stack_table(path, [str(path.resolve())], ctf, pixel_size_angstrom)
     # The parsers' temporary frames are gone; hand their memory back before workers fork.
     release_freed_memory()
-    table = _apply_pickles(table, path, poses, ctf)
+    table = _apply_pickles(table, path, poses, ctf, pose_shift_units)
+    if suffix != ".star":
+        _check_acquisition(table, given)
     _check_finite(table)
     check_stacks(table)
     return table

@@ -21,8 +21,6 @@ Example usage::
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +28,16 @@ import pandas as pd
 import starfile
 import torch
 
-from hetero.data.io._paths import default_bases, resolve_column
+from hetero.data.io._paths import default_bases, describe_matches, resolve_column
 from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.mrc import ImageStack
+from hetero.data.io.star_check import check_loop_rows
+from hetero.data.io.star_optics import warn_unmodelled_optics
 from hetero.data.particles import ParticleTable
-from hetero.physics.rotations import euler_to_matrix, matrix_to_euler
-from hetero.utils.files import atomic_write
+from hetero.physics.rotations import euler_to_matrix
+from hetero.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
 
 #: Columns read as text (never converted to numbers by the STAR parser).
 STRING_COLUMNS = [
@@ -154,9 +156,23 @@ class _Star:
         return values
 
 
+def _refuse_tomography(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """RELION 4/5 sub-tomogram particle files are not single-particle stars."""
+    tomo = sorted({str(c) for t in tables.values() for c in t.columns if str(c).startswith("rlnTomo")})
+    if tomo or "general" in tables and "rlnImageName" not in tables.get("particles", pd.DataFrame()):
+        shown = ", ".join(tomo[:4]) or "data_general"
+        raise InputError(
+            f"{path}: a RELION tomography (sub-tomogram) particle file ({shown}); sub-tomogram "
+            "data are not supported yet. hetero reads single-particle files: a .star with "
+            "rlnImageName = <index>@<stack.mrcs> (e.g. Refine3D/.../run_data.star), a cryoSPARC "
+            ".cs, or .mrcs stacks"
+        )
+
+
 def _load_blocks(path: Path) -> tuple[pd.DataFrame, str, pd.DataFrame | None]:
     if not path.is_file():
         raise MissingFileError(f"{path}: STAR file does not exist")
+    check_loop_rows(path)
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
     except Exception as err:  # the parser's own errors are not InputErrors
@@ -164,6 +180,7 @@ def _load_blocks(path: Path) -> tuple[pd.DataFrame, str, pd.DataFrame | None]:
             f"{path}: could not be parsed as a STAR file ({type(err).__name__}: {err})"
         ) from None
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    _refuse_tomography(path, tables)
     optics = tables.get("optics")
     if optics is not None and "particles" in tables and "rlnImageName" in tables["particles"]:
         return tables["particles"], "particles", optics
@@ -301,7 +318,38 @@ def _rotations(star: _Star) -> np.ndarray | None:
     return euler_to_matrix(torch.from_numpy(euler)).numpy().astype(np.float64)
 
 
-def _ctf(star: _Star) -> np.ndarray | None:
+#: Acquisition values a user may state when the file lacks them (config key, unit).
+ACQUISITION_OVERRIDES = {
+    "rlnVoltage": ("voltage_kv", "kV"),
+    "rlnSphericalAberration": ("spherical_aberration_mm", "mm"),
+    "rlnAmplitudeContrast": ("amplitude_contrast", ""),
+}
+_TYPICAL = {"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+
+
+def _acquisition(star: _Star, column: str, override: float | None) -> np.ndarray:
+    """``column`` per particle, or the user's ``override`` when the file lacks it."""
+    key, unit = ACQUISITION_OVERRIDES[column]
+    values = star.per_particle(column)
+    if values is None:
+        if override is None:
+            where = "data_optics or " if star.optics is not None else ""
+            raise InputError(
+                f"{star.path}: column {column} is missing from {where}data_{star.block} (needed "
+                f"for the CTF); pass data.{key}=<value{' in ' + unit if unit else ''}> (typical: "
+                f"{_TYPICAL[column]}) if you know it, or add the column"
+            )
+        log.info(f"{star.path}: no {column}; using data.{key}={override}")
+        return np.full(star.n, float(override))
+    if override is not None and np.any(np.abs(values - override) > 1e-6 * max(1.0, abs(override))):
+        raise InputError(
+            f"{star.path}: data.{key}={override} was given but the file's {column} says "
+            f"{sorted(set(np.round(values, 6).tolist()))[:5]}; remove the override or fix the file"
+        )
+    return values
+
+
+def _ctf(star: _Star, overrides: dict[str, float | None]) -> np.ndarray | None:
     cols = star.df.columns
     if "rlnDefocusU" not in cols:
         extra = [c for c in _CTF_PARTICLE_COLUMNS if c in cols]
@@ -326,9 +374,9 @@ def _ctf(star: _Star) -> np.ndarray | None:
             du,
             dv,
             np.zeros(n) if angle is None else angle,
-            star.require("rlnVoltage", why),
-            star.require("rlnSphericalAberration", why),
-            star.require("rlnAmplitudeContrast", why),
+            _acquisition(star, "rlnVoltage", overrides.get("rlnVoltage")),
+            _acquisition(star, "rlnSphericalAberration", overrides.get("rlnSphericalAberration")),
+            _acquisition(star, "rlnAmplitudeContrast", overrides.get("rlnAmplitudeContrast")),
             np.zeros(n) if phase is None else phase,
             np.zeros(n) if bfac is None else bfac,
             np.ones(n) if scale is None else scale,
@@ -350,17 +398,16 @@ def _half_set(star: _Star) -> np.ndarray | None:
     return (subset - 1).astype(np.int8)
 
 
-def _box_size(star: _Star, first_stack: str) -> int:
+def _box_size(star: _Star, first_stack: str) -> int | None:
+    """From ``rlnImageSize``, else from the first stack's header; ``None`` when neither exists
+    (metadata-only reads work; :func:`~hetero.data.io.readers.read_particles` then needs the
+    stacks and reads the box from them)."""
     sizes = star.per_particle("rlnImageSize")
     if sizes is None:
         try:
             return ImageStack(first_stack).box_size
         except MissingFileError:
-            raise MissingFileError(
-                f"{star.path}: the file has no rlnImageSize, so the box size is read from the "
-                f"first image stack, {first_stack}, which does not exist; pass datadir=<folder "
-                "holding the stacks> if they were moved"
-            ) from None
+            return None
     unique = np.unique(sizes.astype(np.int64))
     if len(unique) > 1:
         raise InputError(
@@ -372,20 +419,33 @@ def _box_size(star: _Star, first_stack: str) -> int:
 
 
 def read_star(
-    path: str | Path, datadir: str | Path | None = None, pixel_size_angstrom: float | None = None
+    path: str | Path,
+    datadir: str | Path | None = None,
+    pixel_size_angstrom: float | None = None,
+    voltage_kv: float | None = None,
+    spherical_aberration_mm: float | None = None,
+    amplitude_contrast: float | None = None,
 ) -> ParticleTable:
     """Read a RELION 3.0 or 3.1+ particle STAR file.
 
     Image names ``idx@stack`` are resolved: absolute paths as they are; relative ones against
     ``datadir`` then ``datadir/<basename>`` (when given), then against the STAR file's folder,
-    the working directory and the two folders above the STAR file (RELION's project directory
-    for ``Refine3D/job012/run_data.star``); the first that exists wins. Existence is not
-    required here (see :func:`hetero.data.io.readers.read_particles`).
+    the working directory and every folder above the STAR file (RELION's project directory for
+    ``Refine3D/job012/run_data.star``); the first that exists wins, and the log says which.
+    Existence is not required here (see :func:`hetero.data.io.readers.read_particles`); without
+    ``rlnImageSize`` and without the first stack, ``box_size`` is ``None``.
+
+    Every loop row must hold one value per column (:func:`~hetero.data.io.star_check.check_loop_rows`).
+    RELION 4/5 tomography files are refused. Optics corrections hetero does not model (beam tilt,
+    Zernike terms, anisotropic magnification) are named in one warning.
 
     :param path: the ``.star`` file.
     :param datadir: folder holding the stacks when they were moved.
     :param pixel_size_angstrom: pixel size (Å) used only when the file has none; an explicit
         value that contradicts the file raises.
+    :param voltage_kv, spherical_aberration_mm, amplitude_contrast: the same for
+        ``rlnVoltage``, ``rlnSphericalAberration`` and ``rlnAmplitudeContrast`` (common gaps in
+        RELION 3.0 files; config ``data.voltage_kv`` etc.).
     :return: a :class:`ParticleTable` with ``rows`` (the particle DataFrame) and, for 3.1+
         files, ``optics`` (the optics DataFrame); ``extra["star_version"]`` is ``"3.0"`` or
         ``"3.1"``.
@@ -399,9 +459,18 @@ def read_star(
     indices, names = _split_names(star)
     groups = _optics_groups(star)
     apix = _pixel_size(star, pixel_size_angstrom)
-    bases = default_bases(path)
-    image_paths = resolve_column(names, bases, datadir)
+    matched: dict[str, str | None] = {}
+    image_paths = resolve_column(names, default_bases(path), datadir, matched)
+    note = describe_matches(path, matched)
+    if note:
+        log.info(note)
     box = _box_size(star, str(image_paths[0]))
+    overrides = {
+        "rlnVoltage": voltage_kv,
+        "rlnSphericalAberration": spherical_aberration_mm,
+        "rlnAmplitudeContrast": amplitude_contrast,
+    }
+    warn_unmodelled_optics(path, particles, optics)
     origins_angst = _pair(star, "rlnOriginXAngst", "rlnOriginYAngst")
     if origins_angst is not None:
         origins = origins_angst / apix[:, None]
@@ -416,7 +485,7 @@ def read_star(
         pixel_size_angstrom=apix,
         rotations=_rotations(star),
         origins_px=origins,
-        ctf=_ctf(star),
+        ctf=_ctf(star, overrides),
         half_set=_half_set(star),
         optics_group=groups,
         optics=optics,
@@ -426,151 +495,8 @@ def read_star(
     )
 
 
-# -- writing -------------------------------------------------------------------------------------
-def _format_column(values: pd.Series) -> list[str]:
-    """STAR text of one column: ints as ints, floats at their shortest exact representation
-    (always with a ``.`` or exponent, e.g. ``300.0``), strings quoted when empty or with blanks."""
-    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_integer_dtype(values):
-        return values.to_numpy(dtype=np.int64).astype(str).tolist()
-    if pd.api.types.is_float_dtype(values):
-        return values.to_numpy(dtype=np.float64, na_value=np.nan).astype(str).tolist()
-    text = values.astype(str)
-    quote = (text == "") | text.str.contains(r"\s", regex=True)
-    if quote.any():
-        text = text.where(~quote, '"' + text + '"')
-    return text.tolist()
 
 
-def _format_block(name: str, frame: pd.DataFrame) -> str:
-    lines = ["", "# version 30001", "", f"data_{name}", "", "loop_"]
-    lines += [f"_{col} #{i + 1}" for i, col in enumerate(frame.columns)]
-    columns = [_format_column(frame[c]) for c in frame.columns]
-    lines += ["\t".join(row) for row in zip(*columns)]
-    return "\n".join(lines) + "\n\n"
+from hetero.data.io.star_writer import write_star  # noqa: E402  (re-exported; writes STAR)
 
-
-def _write_blocks(path: Path, blocks: Sequence[tuple[str, pd.DataFrame]]) -> Path:
-    text = "".join(_format_block(name, frame) for name, frame in blocks)
-    return atomic_write(path, lambda p: p.write_text(text))
-
-
-def _optics_from_arrays(table: ParticleTable, idx: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
-    """Optics groups from unique (pixel size, voltage, Cs, amplitude contrast)."""
-    apix = table.pixel_size_angstrom[idx]
-    keys = [apix]
-    if table.ctf is not None:
-        keys += [table.ctf[idx, 3], table.ctf[idx, 4], table.ctf[idx, 5]]
-    stacked = np.round(np.stack(keys, axis=1), 6)
-    unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    # Number the groups in order of first appearance.
-    first = np.array([np.argmax(inverse == g) for g in range(len(unique))], dtype=np.int64)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    groups = rank[inverse] + 1
-    unique = unique[order]
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": np.arange(1, len(unique) + 1, dtype=np.int64),
-            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(unique) + 1)],
-        }
-    )
-    if table.ctf is not None:
-        optics["rlnAmplitudeContrast"] = unique[:, 3]
-        optics["rlnSphericalAberration"] = unique[:, 2]
-        optics["rlnVoltage"] = unique[:, 1]
-    optics["rlnImagePixelSize"] = unique[:, 0]
-    optics["rlnImageSize"] = np.full(len(unique), int(table.box_size), dtype=np.int64)
-    optics["rlnImageDimensionality"] = np.full(len(unique), 2, dtype=np.int64)
-    return optics, groups.astype(np.int64)
-
-
-def _image_names(table: ParticleTable, idx: np.ndarray, folder: Path) -> list[str]:
-    rel: dict[str, str] = {}
-    for p in table.image_paths[idx]:
-        if p not in rel:
-            try:
-                rel[p] = os.path.relpath(p, folder)
-            except ValueError:  # another drive (Windows)
-                rel[p] = str(p)
-    return [
-        f"{i + 1:06d}@{rel[p]}" for i, p in zip(table.image_indices[idx], table.image_paths[idx])
-    ]
-
-
-def _particles_from_arrays(
-    table: ParticleTable, idx: np.ndarray, groups: np.ndarray, folder: Path
-) -> pd.DataFrame:
-    apix = table.pixel_size_angstrom[idx]
-    cols: dict[str, object] = {
-        "rlnImageName": _image_names(table, idx, folder),
-        "rlnOpticsGroup": groups,
-    }
-    if table.rotations is not None:
-        euler = matrix_to_euler(
-            torch.from_numpy(np.asarray(table.rotations[idx], np.float64)), eps=1e-12
-        )
-        euler = euler.numpy()
-        cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = euler.T
-    origins = np.zeros((len(idx), 2)) if table.origins_px is None else table.origins_px[idx]
-    cols["rlnOriginXAngst"] = origins[:, 0] * apix
-    cols["rlnOriginYAngst"] = origins[:, 1] * apix
-    if table.ctf is not None:
-        ctf = table.ctf[idx]
-        cols["rlnDefocusU"] = ctf[:, 0]
-        cols["rlnDefocusV"] = ctf[:, 1]
-        cols["rlnDefocusAngle"] = ctf[:, 2]
-        cols["rlnPhaseShift"] = ctf[:, 6]
-        cols["rlnCtfBfactor"] = ctf[:, 7]
-        cols["rlnCtfScalefactor"] = ctf[:, 8]
-    if table.half_set is not None:
-        cols["rlnRandomSubset"] = table.half_set[idx].astype(np.int64) + 1
-    return pd.DataFrame(cols)
-
-
-def write_star(
-    path: str | Path, table: ParticleTable, indices: np.ndarray | Sequence[int] | None = None
-) -> Path:
-    """Write particles ``indices`` (default all, in that order) as a RELION 3.1 STAR file.
-
-    - Table read from a 3.1+ STAR file (``rows`` and ``optics`` set): the original particle rows
-      (subset) and the original optics table are written unchanged, so the subset drops straight
-      into the RELION project the input came from (image names stay as they were).
-    - Table read from a 3.0 STAR file (``rows`` set, no ``optics``): the original rows are kept,
-      with per-particle acquisition columns moved into a new ``data_optics`` and
-      ``rlnOriginX/Y`` (px) converted to ``rlnOriginXAngst/YAngst``.
-    - Otherwise columns are built from the arrays: optics groups from unique (pixel size,
-      voltage, Cs, amplitude contrast); ``rlnImageName = {index+1:06d}@<stack path relative to
-      the output folder>``; Euler angles from :func:`matrix_to_euler`; origins in Å; CTF
-      columns; ``rlnRandomSubset`` when ``half_set`` is set.
-
-    Written atomically. Floats are written at their shortest exact representation.
-
-    :raises InputError: ``path`` is the table's own input file (inputs are never overwritten).
-    :return: ``path``.
-    """
-    path = Path(path)
-    if table.source and os.path.realpath(path) == os.path.realpath(table.source):
-        raise InputError(
-            f"{path}: refusing to overwrite the input file the particles were read from; "
-            "choose another output path"
-        )
-    n = len(table)
-    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"write_star {path}: indices out of range for {n} particles")
-    rows, optics = table.rows, table.optics
-    if rows is not None and optics is not None:
-        subset = rows.iloc[idx].reset_index(drop=True)
-        return _write_blocks(path, [("optics", optics), ("particles", subset)])
-    new_optics, groups = _optics_from_arrays(table, idx)
-    built = _particles_from_arrays(table, idx, groups, path.parent.resolve())
-    if rows is not None:  # RELION 3.0 rows: keep names and extra columns, convert the rest
-        subset = rows.iloc[idx].reset_index(drop=True)
-        drop = set(_OPTICS_COLUMNS) | {"rlnOriginX", "rlnOriginY"}
-        built["rlnImageName"] = subset["rlnImageName"].astype(str).to_numpy()
-        for col in subset.columns:
-            if col not in built.columns and col not in drop:
-                built[col] = subset[col].to_numpy()
-    return _write_blocks(path, [("optics", new_optics), ("particles", built)])
+__all__ = ["read_star", "write_star"]
