@@ -17,7 +17,7 @@ from hetero.analysis.voting import (
     majority_vote,
     memberships_from_star_files,
     nearest_vote,
-    read_image_names,
+    star_file_keys,
 )
 from hetero.models.alphacryo4d.shuffling import leave_one_out, shuffle_unions
 
@@ -54,15 +54,22 @@ def test_reference_voting_keeps_the_923_particles(fast):
     result = majority_vote(members, np.zeros(3, int), n_states=1)
     assert result.threshold == 2
     kept = set(keys[result.state(0)])
-    expected = set(image_name_keys(read_image_names(folder / "post_and.star")))
+    expected = set(star_file_keys(folder / "post_and.star"))
     assert len(kept) == 923 and kept == expected
 
 
-def test_image_name_keys_are_exact_identities():
+def test_image_name_keys_are_exact_identities(tmp_path):
     keys = image_name_keys(["1@a.mrcs", "000001@a.mrcs", "11@a.mrcs", "1@b.mrcs"])
     assert keys[0] == keys[1] and len(set(keys)) == 3  # substring matching would merge 1 and 11
     with pytest.raises(ValueError, match="row 1"):
         image_name_keys(["a.mrcs"], "x.star")
+    # the same stack named relative to two different folders is the same stack
+    (tmp_path / "Extract").mkdir()
+    (tmp_path / "Extract" / "a.mrcs").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    one = image_name_keys(["3@Extract/a.mrcs"], bases=[tmp_path])
+    two = image_name_keys(["3@../Extract/a.mrcs"], bases=[tmp_path / "sub"])
+    assert one[0] == two[0] == f"3@{tmp_path / 'Extract' / 'a.mrcs'}"
 
 
 @pytest.mark.parametrize("fold", [3, 4, 5])

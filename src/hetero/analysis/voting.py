@@ -245,14 +245,16 @@ def nearest_vote(
 
 
 # ----------------------------------------------------------------------------- STAR inputs
-def image_name_keys(names: Sequence[str], source: str = "") -> np.ndarray:
+def image_name_keys(names: Sequence[str], source: str = "", bases: Sequence | None = None) -> np.ndarray:
     """Exact particle identities from ``rlnImageName`` values ``index@stack``: the 1-based
-    index as an integer (``000012@a.mrcs`` and ``12@a.mrcs`` are the same image) and the
-    stack path as written. Returns ``(N,)`` strings ``"<index>@<stack>"``.
+    index as an integer (``000012@a.mrcs`` and ``12@a.mrcs`` are the same image) and the stack.
+    With ``bases`` the stack is resolved to an absolute path as the STAR readers do (RELION
+    writes names relative to its project folder; subsets written elsewhere name the same stack
+    differently), else kept as written. Returns ``(N,)`` strings ``"<index>@<stack>"``.
 
     :raises ValueError: a name without ``@`` or a non-integer index (naming ``source``).
     """
-    keys = []
+    parsed = []
     for i, name in enumerate(names):
         text = str(name).strip()
         idx, at, stack = text.partition("@")
@@ -260,8 +262,18 @@ def image_name_keys(names: Sequence[str], source: str = "") -> np.ndarray:
             raise ValueError(
                 f"{source}: row {i + 1}: rlnImageName {text!r} is not '<index>@<stack>'"
             )
-        keys.append(f"{int(idx)}@{stack}")
-    return np.asarray(keys, dtype=object)
+        parsed.append((int(idx), stack))
+    resolved: dict[str, str] = {}
+    if bases is not None:
+        from hetero.data.io._paths import resolve_names
+
+        resolved = resolve_names({s for _, s in parsed}, bases)
+    return np.asarray([f"{i}@{resolved.get(s, s)}" for i, s in parsed], dtype=object)
+
+
+def table_keys(table) -> np.ndarray:
+    """The keys of :func:`image_name_keys` (resolved stacks) for a particle table."""
+    return np.asarray([f"{int(i) + 1}@{p}" for i, p in zip(table.image_indices, table.image_paths)], dtype=object)
 
 
 def read_image_names(path: str | Path) -> np.ndarray:
@@ -276,13 +288,20 @@ def read_image_names(path: str | Path) -> np.ndarray:
     raise ValueError(f"{path}: no particle block with column rlnImageName")
 
 
+def star_file_keys(path: str | Path) -> np.ndarray:
+    """Resolved particle keys of a STAR particle list (:func:`image_name_keys`)."""
+    from hetero.data.io._paths import default_bases
+
+    return image_name_keys(read_image_names(path), str(path), default_bases(path))
+
+
 def memberships_from_star_files(paths: Sequence[str | Path]) -> tuple[Memberships, np.ndarray]:
     """Memberships of volumes given as one STAR particle list each (volumes made elsewhere).
 
     :return: ``(members, keys)``: particle ``i`` of ``members`` is image ``keys[i]``
-        (sorted unique ``"<index>@<stack>"`` over all files).
+        (sorted unique resolved ``"<index>@<stack>"`` over all files).
     """
-    per_volume = [image_name_keys(read_image_names(p), str(p)) for p in paths]
+    per_volume = [star_file_keys(p) for p in paths]
     keys = np.unique(np.concatenate(per_volume)) if per_volume else np.zeros(0, object)
     lists = [np.searchsorted(keys, k) for k in per_volume]
     return Memberships.from_lists(lists, len(keys)), keys

@@ -8,7 +8,8 @@
   ``c`` of union ``u``; its particles are those whose most probable class in union ``u`` is
   ``c``. The volumes share the consensus frame, so no alignment is needed.
 - ``files``: volumes made elsewhere (one MRC map and one RELION particle STAR file per volume);
-  particles are matched to the consensus STAR file by their exact ``rlnImageName``. With
+  particles are matched to the consensus by their exact identity (image index and stack
+  file, resolved as the STAR readers resolve ``rlnImageName``). With
   ``files.align`` each map is first rigidly aligned to ``files.reference`` (default: the map with
   the most particles), as the reference's EMAN2 ``fit.sh`` did
   (:func:`hetero.models.alphacryo4d.alignment.align_volume`; rotations, shifts and scores in
@@ -148,7 +149,7 @@ def _align_stack(ctx, stack, lists, f) -> None:
 
 def _from_files(ctx):
     """Volumes and per-volume particle lists made elsewhere (a common frame is assumed)."""
-    from hetero.analysis.voting import image_name_keys, read_image_names
+    from hetero.analysis.voting import star_file_keys, table_keys
     from hetero.data.io.errors import InputError
     from hetero.data.io.mrc import read_volume
 
@@ -160,15 +161,11 @@ def _from_files(ctx):
             f"{len(stars)} star files (glob patterns are sorted)"
         )
     dm = ctx.datamodule()
-    rows = getattr(dm.table, "rows", None)
-    if rows is None or "rlnImageName" not in rows:
-        raise InputError(f"{dm.particles_path}: volumes from files are matched by rlnImageName; the "
-                         "consensus particles must be a RELION .star file")
-    consensus = image_name_keys(rows["rlnImageName"].astype(str).to_numpy(), str(dm.particles_path))
+    consensus = table_keys(dm.table)
     lookup = {key: i for i, key in enumerate(consensus)}
     lists = []
     for star in stars:
-        keys = image_name_keys(read_image_names(star), star)
+        keys = star_file_keys(star)
         missing = [k for k in keys if k not in lookup]
         if missing:
             raise InputError(f"{star}: {len(missing)} particles are not in the consensus "
