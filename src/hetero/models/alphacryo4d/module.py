@@ -49,6 +49,10 @@ class VolumeAutoencoder(L.LightningModule):
 
     #: no per-particle latent (AlphaCryo4D's features are per volume)
     latent_dim = 0
+    #: AlphaCryo4D resamples its volumes at the consensus poses: particle data without poses
+    #: is refused (the pipeline checks the particles before stage 1; so does this network
+    #: when it is given the particles' data info)
+    requires_poses = True
 
     def __init__(
         self,
@@ -61,6 +65,8 @@ class VolumeAutoencoder(L.LightningModule):
         **data_info,
     ) -> None:
         super().__init__()
+        if data_info.get("has_poses") is False:
+            raise missing_poses_error(data_info.get("particles_file"))
         # plain types only, so that checkpoints load with weights_only=True (Hydra passes
         # ListConfig objects)
         self.save_hyperparameters({
@@ -119,6 +125,17 @@ class VolumeAutoencoder(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": self.lr_monitor, "interval": "epoch"},
         }
+
+
+def missing_poses_error(particles_file: str | None):
+    """The :class:`~hetero.data.io.errors.InputError` for particles without consensus poses."""
+    from hetero.data.io.errors import InputError
+
+    return InputError(
+        f"{particles_file or 'the particle input'}: no poses (orientations) found, but AlphaCryo4D "
+        "reconstructs its resampled volumes at the consensus poses; give a consensus refinement with "
+        "angles (rlnAngleRot/Tilt/Psi, alignments3D/pose) or data.poses=<cryoDRGN pose pickle>"
+    )
 
 
 @torch.no_grad()

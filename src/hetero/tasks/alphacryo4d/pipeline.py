@@ -96,6 +96,11 @@ class PipelineContext:
             )
             dm.prepare_data()
             dm.setup("fit")
+            info = dm.info()
+            if not info.get("has_poses", True):
+                from hetero.models.alphacryo4d.module import missing_poses_error
+
+                raise missing_poses_error(info.get("particles_file") or getattr(dm, "particles_path", None))
             self._datamodule = dm
         return self._datamodule
 
