@@ -8,7 +8,10 @@ For every model config in ``MODELS`` that exists in ``conf/model/``:
    ``train.py`` with the :class:`hetero.callbacks.throughput.Throughput` callback: images/s over
    the timed training batches and the peak CUDA memory.
 
-Then the particle loader (``bench_dataloader.py``, 1 GB of box-128 stacks, warm cache).
+Then the analysis on CUDA (one epoch of OPUS-DSD at box 64 with ``predict=true``, then
+``analyze.py`` with the decoder, the inference pass and the reconstructions of every cluster
+from its particles on the GPU) and the particle loader (``bench_dataloader.py``, 1 GB of box-128
+stacks, warm cache).
 Results go to ``--out`` (JSON) and, as a Markdown table with the GPU model and date, into
 ``docs/benchmarks.md`` between the ``gpu-check`` markers (replaced on each run).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +54,9 @@ MARK_END = "<!-- gpu-check:end -->"
 
 
 def _train(overrides: list[str], timeout: float, log: Path) -> tuple[int, float]:
+    for o in overrides:  # a fresh run each time: train.py refuses a new run in an old run's folder
+        if o.startswith("hydra.run.dir="):
+            shutil.rmtree(o.split("=", 1)[1], ignore_errors=True)
     cmd = [sys.executable, str(REPO / "train.py"), *overrides]
     start = time.perf_counter()
     with open(log, "w") as fh:
@@ -111,6 +118,10 @@ def run_checks(args) -> dict:
         results["models"][model] = entry
         print(model, json.dumps(entry), flush=True)
         _save(results, args)  # partial results survive the outer time limit
+    if "opusdsd" in available:
+        results["analysis"] = run_analysis_check(args, work, device)
+        print("analysis", json.dumps(results["analysis"]), flush=True)
+        _save(results, args)
     if not args.skip_loader:
         out = work / "loader.json"
         cmd = [sys.executable, str(REPO / "benchmarks" / "bench_dataloader.py"), "--box", "128",
@@ -124,6 +135,37 @@ def run_checks(args) -> dict:
         except (subprocess.SubprocessError, OSError, json.JSONDecodeError) as err:
             results["loader"] = {"error": f"{type(err).__name__}: {err}"}
     return results
+
+
+def run_analysis_check(args, work: Path, device: list[str]) -> dict:
+    """Train OPUS-DSD one epoch (latents written), then ``analyze.py`` on ``cuda`` (``cpu`` for a
+    dry run): decoded maps, the inference pass, per-cluster half-map reconstructions and FSC."""
+    run = work / "analysis_run"
+    box = 32 if args.dry_run else 64
+    code, secs = _train(["model=opusdsd", *device, "callbacks.progress_bar=null", "predict=true",
+                         "trainer.max_epochs=1", f"hydra.run.dir={run}", *_data_overrides(box, args.particles, args.dry_run)],
+                        args.step_timeout, work / "analysis_train.log")
+    entry: dict = {"train": {"exit": code, "seconds": round(secs, 1)}}
+    if code != 0:
+        return entry
+    where = "cpu" if args.dry_run else "cuda"
+    cmd = [sys.executable, str(REPO / "analyze.py"), f"run_dir={run}", f"maps.device={where}", "progress=false",
+           "n_clusters=8", "umap.enabled=false", "recompute_latents=true", "per_image_fsc_samples=20"]
+    start = time.perf_counter()
+    with open(work / "analysis_analyze.log", "w") as fh:
+        try:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, timeout=args.step_timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    entry["analyze"] = {"exit": code, "seconds": round(time.perf_counter() - start, 1), "device": where}
+    metrics = run / "analysis" / "metrics.json"
+    if code == 0 and metrics.is_file():
+        m = json.loads(metrics.read_text())
+        res = [g.get("res_0.143_masked") for g in (m.get("reconstructed") or {}).get("clusters", [])]
+        entry["analyze"]["cluster_res_0.143_masked"] = [r for r in res if r]
+        entry["analyze"]["reconstructed_auc_vs_truth"] = (m.get("ground_truth") or {}).get(
+            "reconstructed_per_state_auc_mean")
+    return entry
 
 
 def _save(results: dict, args) -> None:
@@ -151,6 +193,10 @@ def markdown(results: dict) -> str:
             rate = f"{val['train_images_per_s']:.0f}" if "train_images_per_s" in val else f"failed (exit {val['exit']})"
             mem = f"{val.get('peak_memory_mib', 0):.0f}"
             lines.append(f"| {model} | {fdr} | {key[3:]} | {rate} | {mem} |")
+    analysis = results.get("analysis")
+    if analysis:
+        lines += ["", f"Analysis on the GPU (OPUS-DSD 1 epoch, then analyze.py with maps.device=cuda): "
+                      f"`{json.dumps(analysis)[:400]}`"]
     loader = results.get("loader") or {}
     if "error" not in loader and loader:
         lines += ["", f"Loader: `{json.dumps(loader)[:300]}`"]

@@ -117,7 +117,9 @@ def test_other_groups_compose(tmp_path, group, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for option in options(group):
         prefix = "+" if group == "experiment" else ""
-        cfg = compose_train(tmp_path, [f"{prefix}{group}={option}"])
+        own_data = option == "cpu_custom"  # a recipe for the user's own particles
+        extra = ["data.particles=/data/run_data.star"] if own_data else []
+        cfg = compose_train(tmp_path, [f"{prefix}{group}={option}", *extra], tiny_synthetic=not own_data)
         OmegaConf.to_container(cfg, resolve=True)
         if group == "optim":
             import torch
@@ -145,3 +147,50 @@ def test_launcher_and_sweep_configs_compose(tmp_path, option):
         assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices
     else:
         assert cfg.hydra.sweeper.direction == "minimize"
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _settings(cfg) -> tuple:
+    return (cfg.optim.optimizer.lr, cfg.optim.scheduler.gamma, cfg.data.batch_size,
+            cfg.loss.tv.normalization, cfg.loss.l1.normalization)
+
+
+def test_opusdsd_defaults_are_the_measured_settings_and_the_paper_one_override_away():
+    """docs/benchmarks.md, "OPUS-DSD defaults": the measured settings are the default of every
+    OPUS-DSD config; +experiment=opusdsd_paper gives the paper's; a user's choice still wins."""
+    measured = (1e-3, 1.0, 16, "mean", "mean")
+    for overrides in (["model=opusdsd"], ["model=opusdsd_cpu"], ["+experiment=demo"],
+                      ["+experiment=cpu_custom", "data.particles=/x.star"]):
+        assert _settings(_compose(overrides)) == measured, overrides
+    assert _settings(_compose(["+experiment=opusdsd_paper"])) == (1e-4, 0.95, 32, "paper", "paper")
+    assert _compose(["+experiment=opusdsd_paper"]).model._target_.endswith("OpusDSD")
+    assert _compose(["model=opusdsd", "optim=adamw"]).optim.optimizer._target_ == "torch.optim.AdamW"
+    homogeneous = _compose([])
+    assert (homogeneous.optim.optimizer.lr, homogeneous.optim.scheduler.gamma) == (1e-4, 0.95)
+
+
+def test_cpu_recipe_for_ones_own_star_file():
+    cfg = _compose(["+experiment=cpu_custom", "data.particles=/data/run_data.star"])
+    assert cfg.data.particles == "/data/run_data.star" and cfg.trainer.accelerator == "cpu"
+    assert list(cfg.model.encoder_channels) == [8, 16, 32] and cfg.data.box_size == 64
+    assert cfg.data.num_workers == 0
+
+
+def test_default_callbacks_guard_training_and_checkpoints(tmp_path):
+    from hetero.callbacks.checkpoint import BestCheckpoint, LastCheckpoint
+    from hetero.callbacks.nonfinite import NonFiniteGuard
+    from hetero.callbacks.random_state import RandomStateCheckpoint
+
+    cfg = compose_train(tmp_path)
+    made = {type(hydra.utils.instantiate(node)) for node in cfg.callbacks.values() if node is not None}
+    assert {BestCheckpoint, LastCheckpoint, NonFiniteGuard, RandomStateCheckpoint} <= made
+    assert cfg.callbacks.model_checkpoint.save_last is False  # last.ckpt is LastCheckpoint's
+    assert cfg.callbacks.last_checkpoint.dirpath == cfg.callbacks.model_checkpoint.dirpath

@@ -1,4 +1,5 @@
-"""The analysis task end to end on a fake run directory (analytic decoder, user ground truth)."""
+"""The analysis task end to end on a fake run directory (analytic decoder, real tiny particle
+files, user ground truth)."""
 
 from __future__ import annotations
 
@@ -27,19 +28,28 @@ def compose_analyze(overrides: list[str]):
 def test_analyze_fake_run(tmp_path):
     run, truth = make_run_dir(tmp_path)
     vols = ",".join(str(p) for p in truth["volumes"])
-    cfg = compose_analyze([
-        f"run_dir={run}", "n_clusters=4", "pca_components=2", "n_pc_traversals=1",
-        "pc_traversal.steps=3", "umap.enabled=false", "per_image_fsc_samples=12",
-        f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]",
-    ])
+    cfg = compose_analyze(
+        [
+            f"run_dir={run}",
+            "n_clusters=4",
+            "pca_components=2",
+            "n_pc_traversals=1",
+            "pc_traversal.steps=3",
+            "umap.enabled=false",
+            "per_image_fsc_samples=12",
+            f"+truth.labels={truth['labels']}",
+            f"+truth.volumes=[{vols}]",
+        ]
+    )
     metrics = analyze(cfg)
     out = run / "analysis"
     assert json.loads((out / "metrics.json").read_text())["n_particles"] == 120
-    assert sorted(p.name for p in (out / "maps" / "clusters").glob("*.mrc")) == [
-        f"cluster_00{i}.mrc" for i in range(4)]
-    assert len(list((out / "maps" / "pc1").glob("*.mrc"))) == 3
-    assert (out / "maps" / "pc1" / "pc1.cxc").is_file()
-    with mrcfile.open(out / "maps" / "clusters" / "cluster_000.mrc") as mrc:
+    assert sorted(p.name for p in (out / "maps" / "decoded" / "clusters").glob("*.mrc")) == [
+        f"cluster_00{i}.mrc" for i in range(4)
+    ]
+    assert len(list((out / "maps" / "decoded" / "pc1").glob("*.mrc"))) == 3
+    assert (out / "maps" / "decoded" / "pc1" / "pc1.cxc").is_file()
+    with mrcfile.open(out / "maps" / "decoded" / "clusters" / "cluster_000.mrc") as mrc:
         assert mrc.data.shape == (BOX, BOX, BOX) and mrc.voxel_size.x == pytest.approx(APIX)
     gt = metrics["ground_truth"]
     assert gt["ari"] == pytest.approx(1.0) and gt["ami"] == pytest.approx(1.0)
@@ -48,23 +58,53 @@ def test_analyze_fake_run(tmp_path):
     # about half the AUC ceiling, and the 0.5 crossing just above 4 Å.
     assert 0.2 < gt["per_state_auc_mean"] < gt["auc_ceiling"]
     assert gt["per_state_res_0.5_mean"] < 5.0
+    # Reconstructed from the particles at the original box: both half maps, FSC, table.
+    rec = out / "maps" / "reconstructed"
+    names = {p.name for p in (rec / "clusters").iterdir()}
+    assert {
+        "cluster_000.mrc",
+        "cluster_000_half1.mrc",
+        "cluster_000_half2.mrc",
+        "cluster_000_fsc.csv",
+        "resolution.csv",
+        "clusters.cxc",
+    } <= names
+    assert (rec / "consensus" / "consensus_half2.mrc").is_file()
+    rows = metrics["reconstructed"]["clusters"]
+    assert sum(r["particles"] for r in rows) == 120
+    assert all(r["half1"] + r["half2"] == r["particles"] for r in rows)
+    # A sigma = 3 Å blob has ~1e-3 of its power left at 1/6 Å: the half maps agree to ~6 Å.
+    assert all(r["res_0.143_unmasked"] < 8.0 for r in rows if r["particles"] > 10)
+    # Each true state's majority cluster is reconstructed close to its true map, and the
+    # analytic decoder (the truth itself up to 4 Å) stays closer: the report says which.
+    scored = gt["reconstructed"]["clusters"]["per_state"]
+    assert len({r["group"] for r in scored}) == 3 and all(r["res_0.5"] < 8.0 for r in scored)
+    assert gt["closer_to_truth"] == "decoded"
     # Particle subsets, one per cluster, open where they are written and hold that cluster.
-    labels = np.load(out / "labels.npy") if (out / "labels.npy").is_file() else None
+    labels = np.load(out / "clusters" / "labels.npy")
     seen = []
     for k in range(4):
         star = out / "subsets" / f"cluster_00{k}.star"
         sub = read_particles(star)  # no datadir: names resolve from the subset's folder
         idx = np.load(out / "subsets" / f"cluster_00{k}.npy")
         np.testing.assert_array_equal(sub.image_indices, idx)
-        if labels is not None:
-            assert (labels[idx] == k).all()
+        assert (labels[idx] == k).all()
         seen.append(idx)
     assert sorted(np.concatenate(seen).tolist()) == list(range(120))
     assert metrics["subsets"] == {f"cluster_00{k}": len(seen[k]) for k in range(4)}
     report = (out / "report.html").read_text()
-    for name in ("Summary", "Training", "Latent space", "Clusters", "Maps", "Ground truth", "Files"):
+    for name in (
+        "Summary",
+        "Training",
+        "Latent space",
+        "Clusters",
+        "Decoded maps",
+        "Reconstructed maps",
+        "Ground truth",
+        "Files",
+    ):
         assert f"<h2>{name}</h2>" in report
-    assert report.count("data:image/png;base64,") >= 7  # UMAP is covered in test_latent
+    assert report.count("data:image/png;base64,") >= 10  # UMAP is covered in test_latent
 
 
 def test_analyze_rejects_too_many_clusters(tmp_path):
@@ -75,16 +115,36 @@ def test_analyze_rejects_too_many_clusters(tmp_path):
 
 
 def test_analyze_homogeneous_run(tmp_path):
-    """Latent dimension 0: the consensus map, scored against every true state."""
-    import numpy as np
+    """Embedding dimension 0: the consensus map, decoded and reconstructed, scored against every true state."""
+    from hetero.analysis.latents import CheckpointId, write_latents
 
     run, truth = make_run_dir(tmp_path, n_per_state=5)
-    np.save(run / "latents" / "z_mu.npy", np.zeros((15, 0), np.float32))
+    write_latents(
+        run / "latents",
+        CheckpointId.of(run / "checkpoints" / "best.ckpt"),
+        {"z_mu": np.zeros((15, 0), np.float32)},
+    )
     vols = ",".join(str(p) for p in truth["volumes"])
-    cfg = compose_analyze([f"run_dir={run}", f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]"])
+    cfg = compose_analyze(
+        [f"run_dir={run}", f"+truth.labels={truth['labels']}", f"+truth.volumes=[{vols}]"]
+    )
     metrics = analyze(cfg)
-    assert (run / "analysis" / "maps" / "consensus" / "consensus_000.mrc").is_file()
+    assert (run / "analysis" / "maps" / "decoded" / "consensus" / "consensus_000.mrc").is_file()
+    assert (run / "analysis" / "maps" / "reconstructed" / "consensus" / "consensus.mrc").is_file()
     per_state = metrics["ground_truth"]["per_state_fsc"]
     assert per_state[1]["auc"] > per_state[0]["auc"]  # the consensus blob sits at state 1
-    assert "ari" not in metrics["ground_truth"]
+    assert "ari" not in metrics["ground_truth"] and "clusters" not in metrics
     assert "<h2>Ground truth</h2>" in (run / "analysis" / "report.html").read_text()
+
+
+def test_missing_stack_stops_the_analysis_naming_it(tmp_path):
+    """A moved stack is an error naming the stack and what to pass, never a skipped step."""
+    from hetero.analysis.rundir import DataUnavailableError
+
+    run, _ = make_run_dir(tmp_path, n_per_state=4)
+    stack = tmp_path / "data" / "particles.mrcs"
+    stack.unlink()
+    with pytest.raises(DataUnavailableError) as err:
+        analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false"]))
+    assert str(stack) in str(err.value) and "data.datadir=" in str(err.value)
+    assert not (run / "analysis" / "report.html").exists()

@@ -20,7 +20,7 @@ from tests.analysis.fakes import APIX, BOX, TEMPLATE, VOXEL, FakeModel, blob
 def test_decode_resample_write_header(tmp_path):
     model = FakeModel()
     z = np.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 0.0]], np.float32)
-    vols = decode_volumes(model, z, batch_size=2)
+    vols = decode_volumes(lambda points: model.decode(torch.as_tensor(points)), z, batch_size=2)
     assert vols.shape == (3, TEMPLATE, TEMPLATE, TEMPLATE)
     maps = resample_to_box(vols, VOXEL, BOX, APIX)
     assert maps.shape == (3, BOX, BOX, BOX)

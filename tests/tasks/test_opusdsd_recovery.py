@@ -48,7 +48,9 @@ def test_opusdsd_separates_three_planted_states(tmp_path):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2  # never one per epoch
-    assert (run_dir / "latents" / "z_mu.npy").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["method"] == "opusdsd"
+    assert (run_dir / manifest["parts"]["latents"]["path"] / "z_mu.npy").is_file()
     assert val_loss is not None and val_loss > 0
 
     GlobalHydra.instance().clear()
@@ -72,9 +74,20 @@ def test_opusdsd_separates_three_planted_states(tmp_path):
     assert gt["per_state_res_0.5_mean"] < 25.0, gt["per_state_fsc"]
     out = run_dir / "analysis"
     assert json.loads((out / "metrics.json").read_text())["ground_truth"]["ari"] == pytest.approx(gt["ari"])
-    assert len(list((out / "maps" / "clusters").glob("*.mrc"))) == 6
+    assert len(list((out / "maps" / "decoded" / "clusters").glob("*.mrc"))) == 6
+    # Maps reconstructed from each cluster's particles at the original box, with half maps.
+    assert len(list((out / "maps" / "reconstructed" / "clusters").glob("cluster_*_half2.mrc"))) == 6
+    rec = metrics["reconstructed"]
+    assert sum(r["particles"] for r in rec["clusters"]) == 1500
+    assert all(r["res_0.143_masked"] < 40.0 for r in rec["clusters"])
+    # Scored against the true states beside the decoded maps (the planted-state proof that
+    # cluster maps beat the consensus is tests/analysis/test_reconstruction.py).
+    scored = gt["reconstructed"]
+    assert {"clusters", "consensus", "truth_states"} <= set(scored)
+    assert all(r["res_0.5"] < 40.0 for r in scored["truth_states"]["per_state"])
+    assert gt["closer_to_truth"] in ("decoded", "reconstructed")
     report = (out / "report.html").read_text()
-    for name in ("Summary", "Latent space", "Clusters", "Maps", "Ground truth"):
+    for name in ("Summary", "Latent space", "Clusters", "Decoded maps", "Reconstructed maps", "Ground truth"):
         assert f"<h2>{name}</h2>" in report
     assert "oracle ARI" in report
     assert Path(out / "subsets").is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from hetero.analysis.latents import CheckpointId
 from hetero.tasks.train import train
 from tests.helpers import (
     TINY_DATA,
@@ -36,18 +38,32 @@ def test_fast_dev_run(tmp_path, model):
 
 
 def test_train_predict_and_resume(tmp_path):
-    cfg = compose_train(tmp_path, ["trainer.max_epochs=1", "predict=true"])
+    # best by a metric that never improves after epoch 0: last.ckpt must still follow every epoch
+    never = ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    cfg = compose_train(tmp_path, ["trainer.max_epochs=1", "predict=true", *never])
     _, objects = train(cfg)
     steps_one_epoch = objects["trainer"].global_step
     ckpts = tmp_path / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} == {"best.ckpt", "last.ckpt"}
-    z = np.load(tmp_path / "latents" / "z_mu.npy")
+    # The manifest names the kept checkpoint and the latents it made (keyed by its SHA-256).
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["method"] == "homogeneous" and manifest["format"] == 1
+    assert manifest["result_loader"] == "hetero.analysis.result.load_model_result"
+    assert manifest["parts"]["model"]["path"] == "checkpoints/best.ckpt"
+    latents = tmp_path / manifest["parts"]["latents"]["path"]
+    best = CheckpointId.of(ckpts / "best.ckpt")
+    assert latents.name == best.key
+    assert json.loads((latents / "source.json").read_text())["checkpoint"]["sha256"] == best.sha256
+    z = np.load(latents / "z_mu.npy")
     assert z.shape == (400, 0)
     split = np.load(tmp_path / "split.npz")
 
-    cfg2 = compose_train(tmp_path, ["trainer.max_epochs=2", "ckpt_path=last"])
+    cfg2 = compose_train(tmp_path, ["trainer.max_epochs=2", "ckpt_path=last", *never])
     _, objects2 = train(cfg2)
     assert objects2["trainer"].global_step == 2 * steps_one_epoch
+    load = lambda name: torch.load(ckpts / f"{name}.ckpt", weights_only=True)  # noqa: E731
+    assert (load("best")["epoch"], load("last")["epoch"]) == (0, 1)
+    assert load("last")["global_step"] == 2 * steps_one_epoch
     split2 = np.load(tmp_path / "split.npz")
     for key in split.files:
         np.testing.assert_array_equal(split[key], split2[key])
@@ -103,7 +119,7 @@ def test_ddp_sim_keeps_the_memory_bank_identical_on_both_ranks(tmp_path):
 
 def test_multirun_subprocess(tmp_path):
     """A 2-job sweep through the real CLI."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m", "trainer=cpu", "trainer.fast_dev_run=true",
         "extras.print_config=false", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",

@@ -218,3 +218,43 @@ def fsc_curves(
     if len(curves) <= 20:
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def fsc_grid(
+    path: str | Path,
+    results: dict[str, dict],
+    box_size: int,
+    apix: float,
+    columns: int = 4,
+) -> Path:
+    """One small panel per group: half-map FSC masked (solid) and unmasked (dashed) against
+    spatial frequency, the 0.143 and 0.5 thresholds, and the 0.143 resolutions in the title
+    (``"<name>: <unmasked> Å (<masked> masked)"``).
+
+    :param results: ``{name: {"fsc_unmasked": curve, "fsc_masked": curve | None,
+        "res_0.143_unmasked": Å, "res_0.143_masked": Å | None}}``.
+    """
+    names = list(results)
+    cols = max(1, min(columns, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    fig = _figure(2.6 * cols, 2.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_axis_off()
+    for ax, name in zip(axes.flat, names):
+        r = results[name]
+        freq = np.arange(box_size // 2 + 1) / (box_size * apix)
+        ax.plot(freq, r["fsc_unmasked"], "--", color="#4c72b0", linewidth=1, label="unmasked")
+        title = f"{name}: {r['res_0.143_unmasked']:.3g} Å"
+        if r.get("fsc_masked") is not None:
+            ax.plot(freq, r["fsc_masked"], "-", color="#c44e52", linewidth=1, label="masked")
+            title += f" ({r['res_0.143_masked']:.3g} masked)"
+        for thr in (0.5, 0.143):
+            ax.axhline(thr, color="grey", linestyle=":", linewidth=0.7)
+        ax.set_ylim(-0.1, 1.05)
+        ax.set_title(title, fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6)
+    axes[-1, 0].set_xlabel("1/Å", fontsize=7)
+    axes[-1, 0].set_ylabel("FSC", fontsize=7)
+    return _save(fig, path)

@@ -16,7 +16,8 @@ import html
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-SECTION_ORDER = ("Summary", "Training", "Latent space", "Clusters", "Maps", "Ground truth", "Files")
+SECTION_ORDER = ("Summary", "Training", "Latent space", "Clusters", "Decoded maps", "Reconstructed maps",
+                 "Ground truth", "Files")
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;

@@ -12,20 +12,21 @@ Example usage::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hetero.data.io.star import write_star
 from hetero.utils.files import write_npy, write_text
-
-log = logging.getLogger(__name__)
 
 
 def write_subset(folder: str | Path, name: str, table, indices: np.ndarray) -> dict[str, Path]:
-    """Write one subset; returns ``{"star", "npy", "txt"}`` paths (``star`` missing if the
-    star writer is unavailable or fails, which is logged)."""
+    """Write one subset; returns ``{"star", "npy", "txt"}`` paths.
+
+    :raises ValueError: indices out of range. Errors of the star writer propagate (a subset
+        without its ``.star`` is never reported as written).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     idx = np.asarray(indices, dtype=np.int64).ravel()
@@ -35,25 +36,21 @@ def write_subset(folder: str | Path, name: str, table, indices: np.ndarray) -> d
         "npy": write_npy(folder / f"{name}.npy", idx),
         "txt": write_text(folder / f"{name}.txt", "".join(f"{i}\n" for i in idx)),
     }
-    try:
-        from hetero.data.io.star import write_star
-
-        star = folder / f"{name}.star"
-        write_star(star, table, indices=idx)
-        files["star"] = star
-    except Exception as err:  # index files are still useful without the star file
-        log.warning(f"subset {name}: could not write a .star file ({type(err).__name__}: {err})")
+    star = folder / f"{name}.star"
+    write_star(star, table, indices=idx)
+    files["star"] = star
     return files
 
 
 def cluster_subsets(
-    labels: np.ndarray, clusters: Sequence[int | Sequence[int]] | None = None
+    labels: np.ndarray, clusters: Sequence[int | Sequence[int]] | None = None, prefix: str = "cluster"
 ) -> dict[str, np.ndarray]:
-    """Indices of the particles of each requested cluster selection.
+    """Indices of the particles of each requested cluster selection (labels ``< 0`` are in none).
 
     :param clusters: ``None``: one subset per cluster (``cluster_000``, ...); otherwise a list
         whose items are a cluster id or a list of ids merged into one subset
         (``clusters_001_004``).
+    :param prefix: name stem (``cluster``; e.g. ``class`` for a method's own labels).
     """
     labels = np.asarray(labels).ravel()
     k = int(labels.max()) + 1 if labels.size else 0
@@ -65,7 +62,7 @@ def cluster_subsets(
         bad = [c for c in ids if not 0 <= c < k]
         if bad:
             raise ValueError(f"subsets.clusters: cluster ids {bad} out of range 0..{k - 1}")
-        stem = "cluster" if len(ids) == 1 else "clusters"
+        stem = prefix if len(ids) == 1 else f"{prefix}s"
         name = f"{stem}_" + "_".join(f"{c:0{width}d}" for c in ids)
         out[name] = np.flatnonzero(np.isin(labels, ids))
     return out

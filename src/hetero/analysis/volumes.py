@@ -7,8 +7,8 @@ same extent as the original box, so resampling is a Fourier crop/pad to ``origin
 
 Example usage::
 
-    vols = decode_volumes(model, z_points, batch_size=4)             # (K, T, T, T)
-    vols = resample_to_box(vols, model.template_voxel_size(), 128, 1.5)
+    vols = decode_volumes(result.decode, z_points, batch_size=4)     # (K, T, T, T)
+    vols = resample_to_box(vols, result.voxel_size, 128, 1.5)
     paths = write_maps(out / "clusters", vols, apix=1.5, prefix="cluster")
     write_chimerax_script(out / "clusters" / "clusters.cxc", paths, level=contour_level(vols))
 """
@@ -21,31 +21,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetero.data.io.mrc import write_volume
 from hetero.physics.fourier import fourier_crop_3d
 
 
 @torch.no_grad()
 def decode_volumes(
-    model,
+    decode,
     z: np.ndarray,
     batch_size: int = 4,
-    device: str | torch.device = "cpu",
     progress=None,
     description: str = "Decoding maps",
 ) -> torch.Tensor:
-    """``model.decode`` at each latent point ``z`` ``(K, Z)``, in batches: ``(K, T, T, T)`` float32
-    on the CPU.
+    """``decode`` (an :class:`~hetero.analysis.result.AnalysisResult`'s ``decode``: ``(K, E)``
+    array -> ``(K, T, T, T)`` tensor) at each point of ``z`` ``(K, E)``, in batches:
+    ``(K, T, T, T)`` float32 on the CPU.
 
     :param progress: an optional :class:`rich.progress.Progress` to report on.
     """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    z_t = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+    z = np.asarray(z, dtype=np.float32)
     out = []
-    task = progress.add_task(description, total=len(z_t)) if progress is not None else None
-    for start in range(0, len(z_t), max(1, int(batch_size))):
-        chunk = z_t[start : start + batch_size].to(device)
-        out.append(model.decode(chunk).float().cpu())
+    task = progress.add_task(description, total=len(z)) if progress is not None else None
+    for start in range(0, len(z), max(1, int(batch_size))):
+        chunk = z[start : start + max(1, int(batch_size))]
+        out.append(torch.as_tensor(decode(chunk)).float().cpu())
         if progress is not None:
             progress.advance(task, len(chunk))
     if not out:
@@ -73,26 +72,6 @@ def resample_to_box(
     return fourier_crop_3d(volumes.float(), int(box_size)).float()
 
 
-def _write_volume(path: Path, volume: np.ndarray, apix: float) -> None:
-    try:
-        from hetero.data.io.mrc import write_volume
-    except ImportError:  # the shared writer is not available: plain mrcfile, written atomically
-        import mrcfile
-
-        from hetero.utils.files import atomic_write
-
-        def _write(p: Path) -> None:
-            with mrcfile.new(p, overwrite=True) as mrc:
-                mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
-                mrc.voxel_size = float(apix)
-                mrc.header.origin = (0.0, 0.0, 0.0)
-                mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
-
-        atomic_write(path, _write)
-        return
-    write_volume(path, np.ascontiguousarray(volume, dtype=np.float32), float(apix), origin_angstrom=(0.0, 0.0, 0.0))
-
-
 def write_maps(
     folder: str | Path, volumes: torch.Tensor | np.ndarray, apix: float, prefix: str
 ) -> list[Path]:
@@ -105,7 +84,8 @@ def write_maps(
     paths = []
     for i, vol in enumerate(vols):
         path = folder / f"{prefix}_{i:0{width}d}.mrc"
-        _write_volume(path, vol, apix)
+        write_volume(path, np.ascontiguousarray(vol, dtype=np.float32), float(apix),
+                     origin_angstrom=(0.0, 0.0, 0.0))
         paths.append(path)
     return paths
 

@@ -8,8 +8,13 @@ What ``setup`` does, once:
 
 1. ``particles.ensure()`` when ``particles`` is a dataset spec (synthetic / published), then
    :func:`~hetero.data.io.readers.read_particles` -> :attr:`ParticleDataModule.table`.
-2. Pixel check on a small sample (NaN/inf -> :class:`~hetero.data.io.errors.InputError` naming
-   the stack and image index); poses are required by the ``healpix`` sampler.
+2. Poses are required by the ``healpix`` sampler. Every image is checked for NaN/inf pixels
+   when it is read (:meth:`ParticleDataset.read_raw`: an :class:`~hetero.data.io.errors.InputError`
+   naming the stack, the 1-based image index and the particle row). With
+   ``drop_nonfinite=True`` every image is scanned once here instead
+   (:func:`hetero.data.check.scan_images`) and the damaged particles are left out of the
+   table altogether (so out of training, validation, latents and subsets), each one logged
+   and listed in ``dropped_file`` (reused on resume).
 3. Half sets: the table's own (``rlnRandomSubset``) when present, else a seeded random 50/50
    split (``half_sets_seed``). Train/validation split: a seeded random ``val_fraction`` of the
    particles (``split_seed``). Both are saved to ``split_file`` (``.npz``) and reused from it
@@ -42,8 +47,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hetero.data.dataset import ParticleDataset, collate_particles, estimate_normalization
+from hetero.data.loader import ResumableDataLoader
 from hetero.data.io.errors import InputError
-from hetero.data.io.readers import read_particles, validate_pixels
+from hetero.data.io.readers import read_particles
 from hetero.data.particles import ParticleTable
 from hetero.data.resample import resample_plan
 from hetero.data.samplers import (
@@ -59,8 +65,6 @@ log = RankedLogger(__name__)
 __all__ = ["ParticleDataModule", "SAMPLERS"]
 
 SAMPLERS = ("healpix", "random")
-#: Images checked for NaN/inf at setup (in addition to the normalisation sample).
-PIXEL_CHECK_SAMPLE = 64
 
 
 class ParticleDataModule(L.LightningDataModule):
@@ -99,6 +103,10 @@ class ParticleDataModule(L.LightningDataModule):
     :param sampler_seed: seed of the per-epoch batch shuffles.
     :param half_sets_seed: seed of the random half sets (when the input has none).
     :param root: data root folder; only used by config interpolation, kept for provenance.
+    :param drop_nonfinite: scan every image at setup and leave out particles whose image holds
+        NaN/inf pixels (default: such an image stops the run when it is read, naming it).
+    :param dropped_file: CSV listing the particles left out by ``drop_nonfinite`` (1-based
+        rows of the input); written at setup, reused when it exists and matches the input.
     """
 
     def __init__(
@@ -129,6 +137,8 @@ class ParticleDataModule(L.LightningDataModule):
         sampler_seed: int = 0,
         half_sets_seed: int = 0,
         root: str | None = None,
+        drop_nonfinite: bool = False,
+        dropped_file: str | None = None,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -167,6 +177,10 @@ class ParticleDataModule(L.LightningDataModule):
         self.sampler_seed = int(sampler_seed)
         self.half_sets_seed = int(half_sets_seed)
         self.root = root
+        self.drop_nonfinite = bool(drop_nonfinite)
+        self.dropped_file = None if dropped_file in (None, "") else str(dropped_file)
+        #: particles left out by ``drop_nonfinite`` (0-based rows of the input file)
+        self.dropped_rows = np.zeros(0, dtype=np.int64)
         #: ground-truth folder of a synthetic dataset (``None`` for real data)
         self.truth_dir = getattr(particles, "truth_dir", None)
 
@@ -182,6 +196,7 @@ class ParticleDataModule(L.LightningDataModule):
         self.train_dataset: ParticleDataset | None = None
         self.val_dataset: ParticleDataset | None = None
         self._predict_dataset: ParticleDataset | None = None
+        self._original_dataset: ParticleDataset | None = None
         self._pending_state: dict | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -208,7 +223,9 @@ class ParticleDataModule(L.LightningDataModule):
                 "particles by projection direction; give a consensus refinement with angles "
                 "(or data.poses=<cryoDRGN pose pickle>) or use data/sampler=random"
             )
-        validate_pixels(table, min(PIXEL_CHECK_SAMPLE, n))
+        if self.drop_nonfinite:
+            table = self._drop_nonfinite(table)
+            n = len(table)
         box = self.box_size or table.box_size
         if box > table.box_size:
             log.warning(
@@ -290,15 +307,30 @@ class ParticleDataModule(L.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def _loader(self, dataset: ParticleDataset, batch_sampler) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _loader(self, dataset: ParticleDataset, batch_sampler, resumable: bool = False) -> DataLoader:
+        # A private generator: starting an iterator draws its worker seed from it instead of
+        # from the global torch RNG, so loaders never shift the models' random streams (a
+        # resumed run then continues exactly as an uninterrupted one).
+        kwargs = dict(
             batch_sampler=batch_sampler,
             collate_fn=collate_particles,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(self.sampler_seed),
         )
+        if resumable:
+            return ResumableDataLoader(dataset, progress=self._train_progress, **kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    def _train_progress(self) -> tuple[int, int, int]:
+        """``(epoch, training batches done in it, batches per epoch)`` of the attached trainer
+        (saved in checkpoints by :class:`~hetero.data.loader.ResumableDataLoader`)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return int(trainer.current_epoch), int(done), int(trainer.num_training_batches)
 
     def make_train_batch_sampler(self, rank: int = 0, world_size: int = 1):
         """The training batch sampler for one rank (``data.sampler``, seeded by ``sampler_seed``)."""
@@ -323,7 +355,9 @@ class ParticleDataModule(L.LightningDataModule):
                 "ParticleDataModule shards batches itself: build the Trainer with "
                 "use_distributed_sampler=False"
             )
-        return self._loader(self.train_dataset, self.make_train_batch_sampler(rank, world))
+        return self._loader(
+            self.train_dataset, self.make_train_batch_sampler(rank, world), resumable=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation particles in index order, one contiguous shard per rank."""
@@ -340,21 +374,42 @@ class ParticleDataModule(L.LightningDataModule):
             self._predict_dataset = self._dataset(None)
         return self._predict_dataset
 
-    def predict_dataloader(self, shard: bool | None = None) -> DataLoader:
+    @property
+    def original_size_dataset(self) -> ParticleDataset:
+        """All particles in input order at the *original* box and pixel size (no Fourier crop;
+        same normalisation and contrast as training), for reconstructions at full resolution.
+        Lazy like every dataset: nothing is read into memory."""
+        self._require_setup()
+        if self._original_dataset is None:
+            self._original_dataset = ParticleDataset(
+                self.table, box_size=None, invert_contrast=self.invert_contrast,
+                scale=self.norm_scale, mean=self.norm_mean, healpix_nside=self.healpix_nside,
+            )
+        return self._original_dataset
+
+    def predict_dataloader(
+        self, shard: bool | None = None, original_size: bool = False, batches=None
+    ) -> DataLoader:
         """ALL particles in input order (``batch["index"]`` = table row), contiguous batches.
 
         :param shard: split the particles into one contiguous shard per DDP rank. Default:
             only while the attached trainer is running ``trainer.predict`` (Lightning gathers
             per rank); a direct call (e.g. a rank-0 encoding pass after ``fit``) gets all
             particles.
+        :param original_size: images at the original box and pixel size
+            (:attr:`original_size_dataset`; ``apix``/``origin_px`` follow) instead of the
+            training box.
+        :param batches: a sequence of index arrays (table rows) to load as batches, in that
+            order, instead of the contiguous ones (``shard`` is then ignored: the caller chooses).
         """
+        dataset = self.original_size_dataset if original_size else self.predict_dataset
+        if batches is not None:
+            return self._loader(dataset, [np.asarray(b, dtype=np.int64) for b in batches])
         if shard is None:
             shard = self.trainer is not None and bool(getattr(self.trainer, "predicting", False))
         rank, world = self._rank_world() if shard else (0, 1)
-        sampler = SequentialShardBatchSampler(
-            len(self.predict_dataset), self.val_batch_size, world, rank
-        )
-        return self._loader(self.predict_dataset, sampler)
+        sampler = SequentialShardBatchSampler(len(dataset), self.val_batch_size, world, rank)
+        return self._loader(dataset, sampler)
 
     # -- state (checkpoint) -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -407,7 +462,30 @@ class ParticleDataModule(L.LightningDataModule):
         if isinstance(state.get("invert_contrast"), bool):
             self.invert_contrast = state["invert_contrast"]
 
+    def describe_particles(self, indices, limit: int = 8) -> str:
+        """Particles ``indices`` (rows of :attr:`table`, e.g. ``batch["index"]``) as the user
+        knows them: 1-based rows of the input file and ``image@stack``."""
+        idx = np.asarray(_as_numpy(indices), dtype=np.int64).reshape(-1)
+        if self.table is None or idx.size == 0:
+            return f"particles {idx.tolist()}"
+        rows = self.table.extra.get("input_rows")
+        parts = []
+        for i in idx[:limit].tolist():
+            row = int(rows[i]) if rows is not None else i
+            stack = Path(str(self.table.image_paths[i])).name
+            parts.append(f"{row + 1} ({int(self.table.image_indices[i]) + 1}@{stack})")
+        more = f" and {idx.size - limit} more" if idx.size > limit else ""
+        return (f"particle rows {', '.join(parts)}{more} of "
+                f"{self.particles_path or self.table.source}")
+
     # -- internals ----------------------------------------------------------------------------
+    def _drop_nonfinite(self, table: ParticleTable) -> ParticleTable:
+        """``drop_nonfinite``: the table without particles whose image holds NaN/inf."""
+        from hetero.data.check import drop_damaged
+
+        filtered, self.dropped_rows = drop_damaged(table, self.dropped_file)
+        return filtered
+
     def _resolve_particles(self) -> str:
         ensure = getattr(self.particles, "ensure", None)
         path = ensure() if callable(ensure) else self.particles
@@ -436,6 +514,7 @@ class ParticleDataModule(L.LightningDataModule):
         self.train_dataset = self._dataset(self.train_indices)
         self.val_dataset = self._dataset(self.val_indices)
         self._predict_dataset = None
+        self._original_dataset = None
 
     def _make_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         n_val = int(round(self.val_fraction * n))

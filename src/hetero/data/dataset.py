@@ -132,6 +132,8 @@ class ParticleDataset(Dataset):
         self.mean = float(mean)
         self.healpix_nside = int(healpix_nside)
         self.source = table.source
+        # rows of the user's file when the table is a filtered copy (data.drop_nonfinite)
+        self._input_rows = table.extra.get("input_rows") if table.extra else None
 
         ratio = self.box_size / self.original_box
         codes, uniques = pd.factorize(pd.Series(table.image_paths[idx], dtype=object))
@@ -226,7 +228,12 @@ class ParticleDataset(Dataset):
         return images.contiguous()
 
     def read_raw(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Original-box pixels of dataset ``positions`` as ``(n, D0, D0)`` float32 (a copy)."""
+        """Original-box pixels of dataset ``positions`` as ``(n, D0, D0)`` float32 (a copy).
+
+        Every image read is checked for NaN/inf pixels (one vectorised pass over the batch).
+
+        :raises InputError: an image holds NaN or inf values (see :meth:`nonfinite_message`).
+        """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         stacks = self._collection()
         codes = self._stack_code[pos]
@@ -241,7 +248,32 @@ class ParticleDataset(Dataset):
         if self.unmap_every_bytes is not None and self._bytes_mapped >= self.unmap_every_bytes:
             stacks.close()  # drop the maps' file pages from this process' RSS
             self._bytes_mapped = 0
+        finite = np.isfinite(out).all(axis=(1, 2))
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise InputError(self.nonfinite_message(int(pos[bad]), out[bad]))
         return out
+
+    def nonfinite_message(self, position: int, image: np.ndarray | None = None) -> str:
+        """What to tell the user about a damaged image at dataset ``position``: the stack, the
+        1-based image index (RELION's ``index@stack``), the particle's 1-based row in the input
+        (``table.extra["input_rows"]`` maps rows of a filtered table back) and what to do."""
+        stack, index = self.stack_location(position)
+        row = int(self.indices[position])
+        if self._input_rows is not None:
+            row = int(self._input_rows[row])
+        what = "NaN or inf"
+        if image is not None:
+            kinds = [k for k, f in (("NaN", np.isnan), ("inf", np.isinf)) if f(image).any()]
+            what = " and ".join(kinds) or what
+        source = self.source or "the particle file"
+        return (
+            f"{stack}: image {index + 1} ({index + 1}@{os.path.basename(stack)}, 1-based) holds "
+            f"{what} pixel values; it is particle row {row + 1} of {source}. Re-extract the "
+            "particle or delete its row; or pass data.drop_nonfinite=true to leave out every "
+            "such particle (they are listed in <run dir>/dropped_particles.csv). "
+            f"`python -m hetero.data.check {source}` lists all damaged images without training."
+        )
 
     def stack_location(self, position: int) -> tuple[str, int]:
         """``(stack path, 0-based image index in it)`` of dataset ``position``."""

@@ -2,13 +2,20 @@
 
 Training tasks build a model as ``instantiate(cfg.model, **datamodule.info())``, so every model
 takes the geometry of the data as keyword arguments (``box_size``, ``apix``, ``n_particles``,
-...). Analysis relies only on this interface:
+...). Analysis relies only on this interface (``docs/design/analysis_interface.md``):
 
 - ``latent_dim``: size of the per-particle latent (0 for the homogeneous model);
 - ``encode(batch) -> {"z_mu": (B, Z), "z_logstd": (B, Z)}``;
 - ``decode(z: (K, Z)) -> (K, T, T, T)`` volumes on the template grid, which covers the same
-  physical extent as the training box (voxel size :meth:`template_voxel_size`);
-- ``predict_step`` returns ``{"index", "z_mu", "z_logstd"}`` for the inference pass.
+  physical extent as the training box (voxel size :meth:`template_voxel_size`); a model that
+  cannot decode sets ``can_decode = False``;
+- ``predict_step(batch)`` returns ``{"index": (B,), <name>: (B, ...), ...}``; the inference pass
+  stores every key but ``index`` as ``<name>.npy`` in input order;
+- class attributes ``method`` (short name), ``embedding_key`` / ``embedding_name`` (which
+  predicted array is the per-particle embedding analysis clusters), ``labels_key`` /
+  ``label_name`` (the method's own per-particle assignment, if any);
+- :meth:`state_maps` (maps the method made for its states, or ``None``) and :meth:`manifest`
+  (what the training task writes into ``<run_dir>/manifest.json``).
 
 Optimiser and scheduler arrive as Hydra partials (``_partial_: true``) and are not stored in
 the checkpoint's hyper-parameters, so checkpoints load with ``weights_only=True``.
@@ -39,6 +46,20 @@ class HeteroModel(L.LightningModule):
     """
 
     latent_dim: int = 0
+    #: short method name recorded in the run manifest (default: the class name, lower case)
+    method: str | None = None
+    #: key of :meth:`predict_step`'s output that analysis embeds and clusters
+    embedding_key: str = "z_mu"
+    #: what the embedding is called in reports and file names
+    embedding_name: str = "z"
+    #: key of :meth:`predict_step`'s output holding the method's own (N,) int labels, if any
+    labels_key: str | None = None
+    #: what those labels are called in reports (e.g. "class")
+    label_name: str | None = None
+    #: whether :meth:`decode` maps embeddings to volumes
+    can_decode: bool = True
+    #: dotted paths of method-specific analysis steps, run after the shared ones
+    analysis_steps: tuple[str, ...] = ()
     #: the model renders at the consensus poses: data without poses is refused
     requires_poses: bool = True
 
@@ -78,6 +99,33 @@ class HeteroModel(L.LightningModule):
     def template_voxel_size(self) -> float:
         """Voxel size of decoded volumes (Å): the template spans the training box."""
         return self.apix * self.box_size / self.template_size
+
+    def state_maps(self) -> Tensor | None:
+        """``(S, T, T, T)`` maps the method itself made for its states (e.g. class maps, voxel
+        size :meth:`template_voxel_size`), or ``None`` (default)."""
+        return None
+
+    @classmethod
+    def default_manifest(cls) -> dict:
+        """The run-manifest fields that follow from the class alone (see :meth:`manifest`)."""
+        return {
+            "method": cls.method or cls.__name__.lower(),
+            "result_loader": "hetero.analysis.result.load_model_result",
+            "parts": {
+                "model": {
+                    "kind": "checkpoint", "path": "checkpoints/best.ckpt",
+                    "config": "config_resolved.yaml",
+                },
+            },
+            "analysis_steps": list(cls.analysis_steps),
+        }
+
+    def manifest(self) -> dict:
+        """The method's part of ``<run_dir>/manifest.json``: ``method``, ``result_loader`` (dotted
+        path of ``loader(run, cfg) -> AnalysisResult``), ``parts`` (trained pieces, paths
+        relative to the run dir) and ``analysis_steps`` (dotted paths). The training task fills
+        in the checkpoint actually kept and the latents folder. Override to add parts."""
+        return self.default_manifest()
 
     # ------------------------------------------------------------------ helpers
     def targets(self, batch: dict[str, Tensor]) -> Tensor:

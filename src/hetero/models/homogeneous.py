@@ -27,6 +27,7 @@ class HomogeneousModel(HeteroModel):
     """
 
     latent_dim = 0
+    method = "homogeneous"
 
     def __init__(
         self,

@@ -1,55 +1,45 @@
-"""Inference pass shared by training and analysis: encode every particle, in input order."""
+"""The training task's inference pass: latents of the kept checkpoint, keyed by that checkpoint.
+
+The pass itself is :func:`hetero.analysis.inference.predict_particles` (shared with analysis,
+which may not import tasks); the folder layout is :mod:`hetero.analysis.latents`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from hetero.utils.files import write_npy
+from hetero.analysis.inference import predict_particles
+from hetero.analysis.latents import CheckpointId, write_latents
 
 
-@torch.no_grad()
-def encode_particles(model, dataloader, device=None, progress: bool = True) -> dict[str, np.ndarray]:
-    """Run ``model.encode`` over a dataloader; rows are placed by ``batch["index"]``.
+def encode_particles(
+    model, dataloader, device=None, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Every array ``model.predict_step`` returns (``z_mu``, ``z_logstd``, ...), ``(N, ...)`` in
+    input order, plus the model's ``extra_outputs()``."""
+    return predict_particles(model, dataloader, device, progress)
 
-    :return: ``{"z_mu": (N, Z), "z_logstd": (N, Z)}`` float32, ``N`` = largest index + 1.
+
+def write_run_latents(
+    run_dir: str | Path,
+    checkpoint: str | Path,
+    arrays: dict[str, np.ndarray],
+    particles: str | None = None,
+) -> Path:
+    """Write ``arrays`` to ``<run_dir>/latents/<checkpoint stem>-<sha256[:12]>/`` (atomic).
+
+    :return: the folder, relative to ``run_dir`` when inside it.
     """
-    device = device or torch.device("cpu")
-    model = model.to(device).eval()
-    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    iterator = dataloader
-    if progress:
-        from rich.progress import track
-
-        iterator = track(dataloader, description="Encoding particles", total=len(dataloader))
-    for batch in iterator:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        out = model.encode(batch)
-        chunks.append(
-            (
-                batch["index"].cpu().numpy(),
-                out["z_mu"].float().cpu().numpy(),
-                out["z_logstd"].float().cpu().numpy(),
-            )
-        )
-    index = np.concatenate([c[0] for c in chunks])
-    n = int(index.max()) + 1 if index.size else 0
-    zdim = chunks[0][1].shape[1] if chunks else 0
-    z_mu = np.zeros((n, zdim), np.float32)
-    z_logstd = np.zeros((n, zdim), np.float32)
-    z_mu[index] = np.concatenate([c[1] for c in chunks])
-    z_logstd[index] = np.concatenate([c[2] for c in chunks])
-    return {"z_mu": z_mu, "z_logstd": z_logstd}
-
-
-def write_latents(folder: Path, latents: dict[str, np.ndarray], model=None) -> None:
-    """Write ``z_mu.npy``, ``z_logstd.npy`` and the model's ``extra_outputs()`` atomically."""
-    folder = Path(folder)
-    for name, array in latents.items():
-        write_npy(folder / f"{name}.npy", array)
-    extras = getattr(model, "extra_outputs", None)
-    if callable(extras):
-        for name, array in extras().items():
-            write_npy(folder / f"{name}.npy", np.asarray(array))
+    folder = write_latents(
+        Path(run_dir) / "latents",
+        CheckpointId.of(checkpoint),
+        arrays,
+        particles=particles,
+        written_by="train",
+    )
+    try:
+        return folder.relative_to(Path(run_dir))
+    except ValueError:
+        return folder

@@ -119,6 +119,10 @@ class OpusDSD(HeteroModel):
     :param data_info: ``n_particles`` (required) and other plain geometry values.
     """
 
+    method = "opusdsd"
+    embedding_key = "z_mu"
+    embedding_name = "z"
+
     def __init__(
         self,
         box_size: int,

@@ -1,0 +1,49 @@
+"""The shared analysis steps: each is ``step(ctx: AnalysisContext) -> None``, testable alone.
+
+=================== ========================================================================
+``embedding``       PCA and UMAP of the embedding (``latent/``; state ``pca``, ``embedding_2d``)
+``clustering``      k-means with snapped centres, and the method's own labels (``clusters/``;
+                    state ``clusters``, ``method_labels``)
+``decoded_maps``    maps decoded at cluster centres / the consensus (``maps/decoded/``)
+``traversals``      maps decoded along principal components (``maps/decoded/pcN/``)
+``ground_truth``    ARI/AMI, oracle, per-state and per-image FSC of decoded maps, neighbourhoods
+``reconstruction``  per-cluster / per-state / consensus half maps and FSC from the particles
+                    (``maps/reconstructed/``), scored against true states when known
+``subsets``         RELION .star and index files per cluster / method label (``subsets/``)
+``report``          summary, training curves, metrics.json and report.html (always last)
+=================== ========================================================================
+
+``steps`` in ``conf/analyze.yaml`` lists them in order (short names here, or dotted paths of
+any function with the same signature); a run manifest's ``analysis_steps`` follow them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SHARED_STEPS = {
+    "embedding": "hetero.analysis.steps.embedding.embedding",
+    "clustering": "hetero.analysis.steps.clustering.clustering",
+    "decoded_maps": "hetero.analysis.steps.decoded.decoded_maps",
+    "traversals": "hetero.analysis.steps.decoded.traversals",
+    "ground_truth": "hetero.analysis.steps.ground_truth.ground_truth",
+    "reconstruction": "hetero.analysis.steps.reconstruction.reconstruction",
+    "subsets": "hetero.analysis.steps.subsets.subsets",
+    "report": "hetero.analysis.steps.report.report",
+}
+
+
+def resolve_step(name: str) -> Callable:
+    """The step function for a short name of :data:`SHARED_STEPS` or a dotted path.
+
+    :raises ValueError: an unknown short name (listing the known ones).
+    """
+    import hydra
+
+    path = SHARED_STEPS.get(str(name), str(name))
+    if "." not in path:
+        raise ValueError(
+            f"unknown analysis step {name!r}; shared steps: {', '.join(SHARED_STEPS)} "
+            "(or a dotted path of a function step(ctx))"
+        )
+    return hydra.utils.get_method(path)

@@ -1,0 +1,109 @@
+"""Step ``clustering``: k-means of the embedding, and the method's own labels.
+
+Writes ``clusters/labels.npy`` (N,), ``clusters/center_indices.npy`` (K,) and
+``clusters/counts.csv``; sets ``ctx.state["clusters"]``
+(:class:`~hetero.analysis.latent.KMeansResult`) and, when the method labels particles itself,
+``ctx.state["method_labels"]`` (``(N,)`` int, ``-1`` = discarded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetero.analysis import latent as L
+from hetero.analysis import plots as P
+from hetero.analysis import report as R
+from hetero.utils.files import write_npy, write_text
+
+SECTION = "Clusters"
+
+
+def label_slug(name: str | None) -> str:
+    """File-name form of a label name (``"voted state"`` -> ``"voted_state"``)."""
+    return "".join(c if c.isalnum() else "_" for c in (name or "label").strip().lower()) or "label"
+
+
+def clustering(ctx) -> None:
+    """k-means with ``n_clusters`` (centres snapped to particles) on ``ctx.result.embedding``."""
+    result, cfg = ctx.result, ctx.cfg
+    z = result.embedding
+    n, dim = z.shape
+    blocks = ctx.section(SECTION)
+    if result.labels is not None:
+        _method_labels(ctx, blocks)
+    if dim == 0:
+        return
+    k = int(cfg.n_clusters)
+    if k > n:
+        raise ValueError(f"n_clusters={k} is larger than the number of particles ({n})")
+    task = ctx.progress.add_task(f"k-means (K={k})", total=None)
+    km = L.kmeans(z, k, seed=int(cfg.kmeans.seed), n_init=int(cfg.kmeans.n_init))
+    ctx.progress.update(task, total=1, completed=1)
+    ctx.state["clusters"] = km
+    folder = ctx.out / "clusters"
+    ctx.files += [
+        write_npy(folder / "labels.npy", km.labels),
+        write_npy(folder / "center_indices.npy", km.center_indices),
+        write_text(
+            folder / "counts.csv",
+            "cluster,particles,center_index\n"
+            + "".join(
+                f"{i},{c},{j}\n" for i, (c, j) in enumerate(zip(km.counts, km.center_indices))
+            ),
+        ),
+    ]
+    ctx.metrics["clusters"] = {
+        "k": k,
+        "counts": km.counts.tolist(),
+        "center_indices": km.center_indices.tolist(),
+    }
+    blocks.append(
+        R.image(
+            P.cluster_sizes(ctx.fig_dir / "cluster_sizes.png", km.counts), "Particles per cluster"
+        )
+    )
+    emb = ctx.state.get("embedding_2d")
+    if emb is not None:
+        xy, axes, name = emb
+        blocks.append(
+            R.image(
+                P.scatter_by_cluster(
+                    ctx.fig_dir / f"{name}_clusters.png",
+                    xy,
+                    km.labels,
+                    xy[km.center_indices],
+                    f"{axes[0][:-1]} by cluster",
+                    axes,
+                ),
+                f"{axes[0]}/{axes[1]} coloured by cluster (x: snapped centres)",
+            )
+        )
+    blocks.append(
+        R.table(
+            [
+                (i, int(c), f"{100 * c / n:.1f}%", int(j))
+                for i, (c, j) in enumerate(zip(km.counts, km.center_indices))
+            ],
+            ["cluster", "particles", "fraction", "centre particle"],
+        )
+    )
+
+
+def _method_labels(ctx, blocks: list[str]) -> None:
+    labels = np.asarray(ctx.result.labels, dtype=np.int64)
+    name = ctx.result.label_name or "label"
+    ctx.state["method_labels"] = labels
+    kept = labels[labels >= 0]
+    counts = np.bincount(kept, minlength=int(labels.max(initial=-1)) + 1)
+    ctx.metrics["method_labels"] = {
+        "name": name,
+        "counts": counts.tolist(),
+        "discarded": int((labels < 0).sum()),
+    }
+    rows = [(i, int(c), f"{100 * c / len(labels):.1f}%") for i, c in enumerate(counts)]
+    if (labels < 0).any():
+        rows.append(
+            ("discarded (-1)", int((labels < 0).sum()), f"{100 * (labels < 0).mean():.1f}%")
+        )
+    blocks.append(R.paragraph(f"The {ctx.result.method} model's own assignment ({name}):"))
+    blocks.append(R.table(rows, [name, "particles", "fraction"]))
