@@ -42,7 +42,7 @@ def _make_volumes(cfg, folder, fold=3, fractions=(0.7, 0.2, 0.1), seed=0):
                 centre = np.array([2.0 * (2 * state - 1), 0.75 * c, 0]) + rng.normal(0, 0.1, 3)
                 vol = np.exp(-sum((g[i] - centre[i]) ** 2 for i in range(3)) / 2) + rng.normal(0, 0.02, (d, d, d))
                 name = folder / f"u{u}_s{state}_c{c}"
-                write_volume(name.with_suffix(".mrc"), vol.astype(np.float32), 5.0)
+                write_volume(name.with_suffix(".mrc"), vol.astype(np.float32), 20.0)  # the 160 Å box
                 write_star(name.with_suffix(".star"), dm.table, members)
                 maps.append(str(name.with_suffix(".mrc")))
                 stars.append(str(name.with_suffix(".star")))
@@ -157,3 +157,34 @@ def test_selected_stage_needs_its_inputs(tmp_path):
         cfg.alphacryo4d.stages = ["nonsense"]
     with pytest.raises(ValueError, match="unknown stage"):
         run_pipeline(cfg)
+
+
+def test_analyze_reconstructs_each_voted_state_and_plays_the_path(pipeline_run):
+    """``analyze.py`` on the run through its manifest (no method branch in shared code): the
+    voted states are reconstructed from their particles with half maps and FSC, the method step
+    draws the volume landscape and writes the path series, and the voted states score
+    against the truth."""
+    from tests.analysis.test_analyze_task import compose_analyze
+
+    from hetero.tasks.analyze import analyze
+
+    cfg, metrics, objects, truth, dm, run_dir, _ = pipeline_run
+    out = run_dir / "analysis_test"
+    acfg = compose_analyze([f"run_dir={run_dir}", f"output_dir={out}", "n_clusters=2", "umap.enabled=false",
+                            "pca_components=2", "n_pc_traversals=0", "reconstruction.clusters=false",
+                            "reconstruction.truth_states=false", "reconstruction.preweight_iterations=2",
+                            "subsets.enabled=false", "per_image_fsc_samples=4"])
+    m = analyze(acfg)
+    assert m["method"] == "alphacryo4d"
+    kind = out / "maps" / "reconstructed" / "method_voted_state"
+    for k in range(2):
+        for suffix in ("", "_half1", "_half2"):
+            assert (kind / f"voted_state_{k:03d}{suffix}.mrc").is_file()
+    labels = np.load(run_dir / "alphacryo4d" / "voting" / "labels.npy")
+    rows = m["reconstructed"]["method_voted_state"]
+    assert [r["particles"] for r in rows][:2] == np.bincount(labels[labels >= 0]).tolist()
+    assert sorted(p.name for p in (out / "maps" / "path").glob("*.mrc")) == ["path_000.mrc", "path_001.mrc"]
+    assert (out / "figures" / "alphacryo4d_landscape.png").is_file()
+    scores = m["alphacryo4d"]["scores"]
+    assert scores["precision_mean"] > 0.99 and scores["recall_mean"] > 0.9
+    assert "AlphaCryo4D" in (out / "report.html").read_text()

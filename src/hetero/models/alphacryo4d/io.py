@@ -71,7 +71,12 @@ def write_members(
 
 def load_members(root: str | Path) -> dict[str, np.ndarray]:
     """The volume manifest as a dict of arrays (see the module docstring)."""
-    path = stage_paths(root)["members"]
+    return read_members(stage_paths(root)["members"])
+
+
+def read_members(path: str | Path) -> dict[str, np.ndarray]:
+    """``members.npz`` at ``path`` as a dict of arrays."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no volume manifest; run the resampling stage first")
     with np.load(path, allow_pickle=False) as f:

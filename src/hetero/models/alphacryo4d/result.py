@@ -1,4 +1,4 @@
-"""The AlphaCryo4D run manifest and result loader (analysis contract, ANALYSIS_CONTRACT.md).
+"""The AlphaCryo4D run manifest and result loader (docs/design/analysis_interface.md).
 
 ``python analyze.py run_dir=<AlphaCryo4D run>`` reads ``manifest.json``, which names
 :func:`load_alphacryo4d_result`; it fills :class:`hetero.analysis.result.AnalysisResult` from
@@ -15,30 +15,45 @@ the stage outputs under ``<run_dir>/alphacryo4d/`` (see :mod:`hetero.models.alph
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import numpy as np
 
-from hetero.models.alphacryo4d.io import ROOT, load_members, load_volumes_info, stage_paths
+from hetero.models.alphacryo4d.io import ROOT, read_members, stage_paths
+from hetero.utils.manifest import run_manifest
 
 LOADER = "hetero.models.alphacryo4d.result.load_alphacryo4d_result"
 
 
+#: method steps run by ``analyze.py`` after the shared ones
+ANALYSIS_STEPS = ("hetero.models.alphacryo4d.steps.volume_landscape",)
+
+
 def run_manifest_dict() -> dict:
-    """The run manifest of an AlphaCryo4D run (paths relative to the run directory)."""
+    """The run manifest of an AlphaCryo4D run (paths relative to the run directory), as
+    :func:`hetero.utils.manifest.run_manifest` completes it. ``model`` is the autoencoder's
+    checkpoint (what ``RunDir.open(checkpoint=best)`` finds); the loader reads the others."""
     paths = stage_paths(ROOT)
     parts = {
+        "model": {"kind": "checkpoint", "path": f"{ROOT}/autoencoder/checkpoints/best.ckpt",
+                  "config": "config_resolved.yaml"},
         "unions": {"kind": "npz", "path": str(paths["unions"])},
         "volumes": {"kind": "volumes", "path": str(paths["volumes"])},
         "members": {"kind": "npz", "path": str(paths["members"])},
-        "autoencoder": {"kind": "checkpoint", "path": f"{ROOT}/autoencoder/checkpoints/best.ckpt"},
+        "volumes_info": {"kind": "json", "path": str(paths["volumes_info"])},
         "features": {"kind": "npy", "path": str(paths["features"])},
         "embedding": {"kind": "npy", "path": str(paths["embedding"])},
         "landscape": {"kind": "npz", "path": str(paths["landscape"])},
+        "path": {"kind": "npy", "path": str(paths["path"])},
         "states": {"kind": "npy", "path": str(paths["states"])},
+        "volume_labels": {"kind": "npy", "path": str(paths["volume_labels"])},
         "voting": {"kind": "npy", "path": str(paths["labels"])},
+        "winning_votes": {"kind": "npy", "path": str(paths["winning_votes"])},
+        "voting_summary": {"kind": "json", "path": str(paths["voting_summary"])},
+        "subsets": {"kind": "star_folder", "path": str(paths["subsets"])},
     }
-    return {"format": 1, "method": "alphacryo4d", "result_loader": LOADER, "parts": parts, "analysis_steps": []}
+    return run_manifest({"method": "alphacryo4d", "result_loader": LOADER, "parts": parts,
+                         "analysis_steps": list(ANALYSIS_STEPS)})
 
 
 def particle_landscape_positions(embedding: np.ndarray, members: dict) -> np.ndarray:
@@ -75,21 +90,23 @@ def load_alphacryo4d_result(run, cfg):
 
     from hetero.analysis.result import AnalysisResult
 
-    root = Path(run.path) / ROOT
-    paths = stage_paths(root)
-    for name in ("members", "embedding", "states", "labels", "volume_labels"):
-        if not paths[name].is_file():
-            raise FileNotFoundError(f"{paths[name]}: the AlphaCryo4D run is incomplete; rerun "
-                                    f"python train.py model=alphacryo4d hydra.run.dir={run.path}")
-    members = load_members(root)
-    embedding = np.load(paths["embedding"])
-    labels = np.load(paths["labels"]).astype(np.int64)
-    volume_labels = np.load(paths["volume_labels"])
-    states = np.load(paths["states"])
-    volumes = np.load(paths["volumes"], mmap_mode="r")
-    info = load_volumes_info(root)
+    need = ("members", "volumes", "volumes_info", "embedding", "states", "volume_labels", "voting")
+    part = {name: run.part_path(name) for name in (*need, "path", "winning_votes")}
+    for name in need:
+        if part[name] is None or not part[name].is_file():
+            raise FileNotFoundError(
+                f"{part[name] or name}: the AlphaCryo4D run {run.path} is incomplete (manifest part "
+                f"{name!r}); finish it with python train.py model=alphacryo4d hydra.run.dir={run.path}")
+    members = read_members(part["members"])
+    embedding = np.load(part["embedding"])
+    labels = np.load(part["voting"]).astype(np.int64)
+    volume_labels = np.load(part["volume_labels"])
+    states = np.load(part["states"])
+    volumes = np.load(part["volumes"], mmap_mode="r")
+    info = json.loads(part["volumes_info"].read_text())
     maps = state_mean_maps(volumes, volume_labels, members["counts"], len(states))
-    per_particle = {"winning_votes": np.load(paths["winning_votes"])} if paths["winning_votes"].is_file() else {}
+    winning = part["winning_votes"]
+    per_particle = {"winning_votes": np.load(winning)} if winning is not None and winning.is_file() else {}
     kept = members["kept"]
     return AnalysisResult(
         method="alphacryo4d",
@@ -104,8 +121,9 @@ def load_alphacryo4d_result(run, cfg):
         volume_embedding=embedding[kept].astype(np.float32),
         volume_counts=members["counts"][kept],
         per_particle=per_particle,
-        provenance={"run": str(run.path), "manifest_parts": sorted(run_manifest_dict()["parts"])},
+        provenance={"run": str(run.path), "checkpoint": str(run.checkpoint),
+                    "manifest_parts": sorted(run.manifest.get("parts", {}))},
         extras={"states": states, "volume_labels": volume_labels[kept],
-                "path": np.load(paths["path"]) if paths["path"].is_file() else None,
-                "landscape": paths["landscape"]},
+                "path": np.load(part["path"]) if part["path"] is not None and part["path"].is_file() else None,
+                "landscape": run.part_path("landscape")},
     )

@@ -105,24 +105,28 @@ class PipelineContext:
         return self._datamodule
 
     def trainer(self, stage: str, max_epochs: int, monitor: str | None = "val/loss", **overrides):
-        """A Lightning trainer from ``cfg.trainer`` for a stage: its checkpoints and logs
-        under the stage folder, the configured callbacks except the run-level checkpoint."""
+        """A Lightning trainer from ``cfg.trainer`` for a stage: the configured callbacks, with
+        the run-level checkpoints (``callbacks.model_checkpoint`` / ``last_checkpoint``) moved
+        to ``<stage>/checkpoints/`` (best by ``monitor``; none when ``monitor`` is ``None``),
+        and its logs under the stage folder."""
         import hydra
-        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-
-        from hetero.utils.config import instantiate_dict
+        from lightning.pytorch.callbacks import ProgressBar
 
         folder = self.stage_dir(stage)
-        callbacks = [
-            cb for name, cb in zip(self.cfg.get("callbacks") or {}, instantiate_dict(self.cfg.get("callbacks"), "callbacks"))
-            if name != "model_checkpoint"
-        ]
+        callbacks = []
+        for name, node in (self.cfg.get("callbacks") or {}).items():
+            if node is None:
+                continue
+            extra = {}
+            if name in ("model_checkpoint", "last_checkpoint"):
+                if name == "model_checkpoint" and monitor is None:
+                    continue
+                extra = {"dirpath": str(folder / "checkpoints")}
+                if name == "model_checkpoint":
+                    extra.update(monitor=monitor, mode="min", filename="best")
+            callbacks.append(hydra.utils.instantiate(node, **extra))
         if not self.cfg.trainer.get("enable_progress_bar", True):
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        callbacks.append(
-            ModelCheckpoint(dirpath=folder / "checkpoints", filename="best", monitor=monitor, mode="min",
-                            save_top_k=1 if monitor else 0, save_last=True, enable_version_counter=False)
-        )
         loggers = []
         for node in (self.cfg.get("logger") or {}).values():
             if node is None:
@@ -133,6 +137,14 @@ class PipelineContext:
             self.cfg.trainer, max_epochs=int(max_epochs), default_root_dir=str(folder),
             callbacks=callbacks, logger=loggers or False, **overrides,
         )
+
+
+def best_checkpoint(trainer) -> str:
+    """Path of the best checkpoint of a stage trainer's ``ModelCheckpoint`` ('' if none)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    return found[0].best_model_path if found else ""
 
 
 def _container(node) -> Any:
@@ -235,10 +247,14 @@ def read_records(root: Path) -> dict:
 
 
 def write_run_files(ctx: PipelineContext) -> None:
-    """``config_resolved.yaml`` and the run manifest (rank 0)."""
+    """``config_resolved.yaml``, ``data_info.json`` (the particles' geometry, what analysis
+    reads with ``RunDir``) and the run manifest (rank 0)."""
     from hetero.models.alphacryo4d.result import run_manifest_dict
+    from hetero.utils.manifest import write_manifest
 
     if not ctx.is_global_zero:
         return
     write_text(ctx.run_dir / "config_resolved.yaml", OmegaConf.to_yaml(ctx.cfg, resolve=True))
-    write_json(ctx.run_dir / "manifest.json", run_manifest_dict())
+    info = {k: v for k, v in ctx.datamodule().info().items() if isinstance(v, int | float | bool | str)}
+    write_json(ctx.run_dir / "data_info.json", info)
+    write_manifest(ctx.run_dir, run_manifest_dict())

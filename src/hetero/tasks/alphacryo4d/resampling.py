@@ -172,6 +172,13 @@ def _from_files(ctx):
                              f"{dm.particles_path}, first {missing[0]!r}")
         lists.append(np.array([lookup[k] for k in keys], dtype=np.int64))
     first, apix = read_volume(maps[0])
+    info = dm.info()
+    extent, particles_extent = first.shape[-1] * apix, info["original_box"] * info["original_apix"]
+    if abs(extent - particles_extent) > 0.02 * particles_extent:
+        raise InputError(
+            f"{maps[0]}: the map spans {first.shape[-1]} x {apix:.4g} Å = {extent:.4g} Å but the particle "
+            f"box {info['original_box']} x {info['original_apix']:.4g} Å = {particles_extent:.4g} Å; the "
+            "maps must be on the particles' box extent (any sampling): resample or pad them first")
     target = stage_paths(ctx.root)["volumes"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.partial.npy")

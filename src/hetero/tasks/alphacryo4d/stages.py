@@ -65,6 +65,7 @@ def autoencoder(ctx):
 
     from hetero.data.volumes import VolumeDataModule
     from hetero.models.alphacryo4d.module import extract_features
+    from hetero.tasks.alphacryo4d.pipeline import best_checkpoint
 
     a = ctx.mcfg.autoencoder
     paths = stage_paths(ctx.root)
@@ -89,7 +90,7 @@ def autoencoder(ctx):
     trainer.fit(model, datamodule=dm)
     summary = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        best = trainer.checkpoint_callback.best_model_path
+        best = best_checkpoint(trainer)
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             model.load_state_dict(state)
