@@ -67,7 +67,7 @@ class PipelineContext:
     run_dir: Path
     root: Path
     records: dict = field(default_factory=dict)
-    _datamodule: Any = None
+    _datamodules: dict = field(default_factory=dict)
 
     @property
     def mcfg(self) -> DictConfig:
@@ -85,14 +85,17 @@ class PipelineContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def datamodule(self):
+    def datamodule(self, sampler: str | None = None):
         """The consensus particles (every particle predicted and classified: no validation
-        split), set up once."""
-        if self._datamodule is None:
+        split), set up once per ``sampler`` (``None``: ``data.sampler``; the class3d stage asks
+        for ``"sequential"``: every particle once per EM iteration)."""
+        key = sampler or "default"
+        if key not in self._datamodules:
             import hydra
 
+            extra = {"sampler": sampler} if sampler else {}
             dm = hydra.utils.instantiate(
-                self.cfg.data, val_fraction=0.0, split_file=str(self.root / "split.npz")
+                self.cfg.data, val_fraction=0.0, split_file=str(self.root / "split.npz"), **extra
             )
             dm.prepare_data()
             dm.setup("fit")
@@ -101,8 +104,8 @@ class PipelineContext:
                 from hetero.models.alphacryo4d.module import missing_poses_error
 
                 raise missing_poses_error(info.get("particles_file") or getattr(dm, "particles_path", None))
-            self._datamodule = dm
-        return self._datamodule
+            self._datamodules[key] = dm
+        return self._datamodules[key]
 
     def trainer(self, stage: str, max_epochs: int, monitor: str | None = "val/loss", **overrides):
         """A Lightning trainer from ``cfg.trainer`` for a stage: the configured callbacks, with

@@ -76,11 +76,11 @@ def _class3d(ctx):
 
     r = ctx.mcfg.resampling
     paths = stage_paths(ctx.root)
-    dm = ctx.datamodule()
+    clf = r.classifier
+    dm = ctx.datamodule(sampler=r.get("sampler"))
     info = dm.info()
     with np.load(paths["unions"]) as f:
         n_unions = len(f.files)
-    clf = r.classifier
     model = hydra.utils.instantiate(clf, subsets=str(paths["unions"]), n_replicates=1, **info)
     k = int(clf.n_classes)
     trainer = ctx.trainer("resampling", int(clf.n_iterations), monitor=None)
