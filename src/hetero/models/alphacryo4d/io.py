@@ -65,7 +65,7 @@ def write_members(
     rows = ["volume,name,union,class,particles,kept"]
     rows += [f"{v},{names[v]},{int(union[v])},{int(klass[v])},{int(counts[v])},{int(kept[v])}" for v in range(len(counts))]
     atomic_write(paths["volumes_csv"], lambda p: p.write_text("\n".join(rows) + "\n"))
-    return {"n_volumes": int(len(counts)), "n_kept": int(kept.sum()), "counts_min": int(counts.min(initial=0)),
+    return {"n_volumes": int(len(counts)), "n_kept": int(kept.sum()), "counts_min": int(counts.min()) if len(counts) else 0,
             "counts_max": int(counts.max(initial=0)), "counts_mean": float(counts.mean()) if len(counts) else 0.0}
 
 
