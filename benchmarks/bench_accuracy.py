@@ -3,8 +3,10 @@
 For one built-in synthetic dataset (kind, SNR) this runs, each on the same particles, poses
 and CTF:
 
-* ``opusdsd`` / ``homogeneous``: ``train.py`` then ``analyze.py``; the scores come from the
-  run's ``analysis/metrics.json`` (the homogeneous map is the floor: no heterogeneity at all);
+* ``opusdsd`` / ``dynamight`` / ``homogeneous``: ``train.py`` then ``analyze.py``; the scores
+  come from the run's ``analysis/metrics.json`` (the homogeneous map is the floor: no
+  heterogeneity at all; DynaMight's latents are the common latent space of its two half sets,
+  decoded by half set 1);
 * ``cryodrgn``: ``cryodrgn train_vae`` in its own virtual environment, scored with the same
   metric functions (see ``peer_cryodrgn.py``);
 * ``oracle``: the physical limit of classification (:mod:`hetero.data.synthetic.oracle`).
@@ -43,7 +45,7 @@ import numpy as np
 from _common import machine, run_measured
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("opusdsd", "homogeneous", "cryodrgn", "oracle")
+MODELS = ("opusdsd", "dynamight", "homogeneous", "cryodrgn", "oracle")
 
 # The CPU-sized OPUS-DSD (narrow networks, 2 neighbour poses) with the demo's short-run settings.
 OPUSDSD = [
@@ -54,6 +56,10 @@ OPUSDSD = [
     "loss.l1.normalization=mean",
 ]
 HOMOGENEOUS = ["model=homogeneous", "optim.optimizer.lr=1e-3"]
+# The CPU-sized DynaMight (500 Gaussians per half set, network lr 3e-3), latent dimension 8 like
+# the others.
+DYNAMIGHT = ["model=dynamight_cpu", "model.zdim=8"]
+HETERO = {"opusdsd": OPUSDSD, "homogeneous": HOMOGENEOUS, "dynamight": DYNAMIGHT}
 KEYS = ("ari", "ami", "per_state_auc_mean", "per_state_res_0.5_mean", "per_state_res_0.143_mean",
         "per_image_fsc_auc_mean", "neighbourhood_similarity", "auc_ceiling", "reconstructed", "closer_to_truth")
 
@@ -73,7 +79,7 @@ def synthetic_dataset(overrides: list[str]):
 def run_hetero(name: str, common: list[str], workdir: Path, tag: str) -> dict:
     run_dir = workdir / f"{tag}-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (train.py refuses to reuse a run's folder)
-    overrides = (OPUSDSD if name == "opusdsd" else HOMOGENEOUS) + common + [f"hydra.run.dir={run_dir}"]
+    overrides = HETERO[name] + common + [f"hydra.run.dir={run_dir}"]
     train_s, peak = run_measured([sys.executable, "train.py", *overrides], workdir / f"{tag}-{name}-train.log",
                                  cwd=REPO)
     analyze_s, _ = run_measured([sys.executable, "analyze.py", f"run_dir={run_dir}", "progress=false"],
@@ -187,7 +193,7 @@ def main() -> None:
     dataset = synthetic_dataset(data)
     results = []
     for name in args.models:
-        if name in ("opusdsd", "homogeneous"):
+        if name in HETERO:
             row = run_hetero(name, common, workdir, tag)
         elif name == "oracle":
             row = run_oracle(dataset)

@@ -92,11 +92,14 @@ def test_loss_and_schedule_options_instantiate(tmp_path, group):
                 assert obj(0) == pytest.approx(node.start)
                 assert obj(node.ramp) == pytest.approx(node.end)
                 assert obj(node.period) == pytest.approx(node.start)  # the cycle restarts
-            else:
+            elif "value" in node:
                 assert obj(0) == obj(10**6) == pytest.approx(node.value)
+            else:  # an epoch schedule (model=dynamight): phase of an epoch
+                assert obj.phase(0) in ("warmup", "main")
         else:
             for name, term in obj.items():
-                if term is not None and "weight" in cfg[group][name]:
+                node = cfg[group][name]
+                if term is not None and OmegaConf.is_dict(node) and "weight" in node:
                     assert term.weight == pytest.approx(cfg[group][name].weight)
 
 
