@@ -122,12 +122,58 @@ def whole_map_ssnr(fsc: Tensor) -> Tensor:
     return f / (1 - f)
 
 
+def _shell_mean_weight(acc: BackprojectionAccumulator, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean accumulated weight per shell (both Hermitian halves) within ``r_max``, with the
+    shell index of every padded voxel and the selection of voxels within ``r_max``."""
+    shells = padded_shells(acc)
+    n_shells = acc.box_size // 2 + 1
+    idx = shells.clamp(max=n_shells - 1).long()
+    sel = (shells <= int(r_max)).flatten()
+    flat_idx = idx.flatten()
+    count = torch.bincount(flat_idx[sel], minlength=n_shells).double().clamp(min=1)
+    # The accumulator holds one half plane; reconstruct() adds the Hermitian mirror of the
+    # weights, so the shell means are taken over both.
+    full = acc.weight + _mirror(acc.weight)
+    return _shell_sum(full.flatten(), flat_idx, sel, n_shells) / count, idx, sel
+
+
+def power_data_vs_prior(
+    acc: BackprojectionAccumulator, tau2: Tensor, sigma2: Tensor, tau2_fudge: float, r_max: int,
+    fraction: float = 1.0,
+) -> Tensor:
+    """RELION Class3D's ``data_vs_prior`` per shell with ``tau2`` the reference's power spectrum.
+
+    ``T * tau2(s) * pad^3 * mean_w(s) * fraction / sigma2(s)`` (RELION
+    ``MlModel::setFourierTransformMaps`` + ``BackProjector::updateSSNRarrays`` without FSC, or
+    ``MlModel::initialiseDataVersusPrior`` with ``fraction = pdf_class`` for the first
+    iteration): ``mean_w`` is the shell mean of the accumulated ``CTF^2`` on the padded grid
+    (``pad^3`` is RELION's oversampling correction: per voxel, a slice of the padded grid
+    carries ``1 / pad^3`` of the weight it carries on the ``D`` grid), ``sigma2`` the noise
+    power per component of the E-step that made the sums (RELION's weights hold ``1 / sigma2``,
+    ours do not), ``tau2`` per component (:func:`shell_power`). Shells without noise estimate or
+    beyond ``r_max`` are 0. ``(D // 2 + 1,)`` float64.
+    """
+    mean_w, _, _ = _shell_mean_weight(acc, r_max)
+    pad3 = (acc.padded_size / acc.box_size) ** 3
+    s2 = sigma2.to(mean_w)
+    n = mean_w.numel()
+    dvp = float(tau2_fudge) * tau2.to(mean_w)[:n] * pad3 * mean_w * float(fraction) / s2.clamp(min=1e-300)[:n]
+    dvp = torch.where(s2[:n] > 0, dvp, 0.0)
+    return torch.where(torch.arange(n, device=dvp.device) <= int(r_max), dvp, 0.0)
+
+
 def regularised_reconstruct(
-    acc: BackprojectionAccumulator, fsc: Tensor | None, tau2_fudge: float, r_max: int, do_map: bool = True
+    acc: BackprojectionAccumulator, fsc: Tensor | None, tau2_fudge: float, r_max: int, do_map: bool = True,
+    data_vs_prior: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One class map from the sum of its half-set accumulators (see the module docstring).
 
-    :param fsc: ``(D // 2 + 1,)`` half-set FSC of the class (:func:`half_set_fsc`).
+    :param fsc: ``(D // 2 + 1,)`` half-set FSC of the class (:func:`half_set_fsc`), giving
+        ``data_vs_prior = T * SSNR(FSC)`` (auto-refine's prior); ignored when ``data_vs_prior``
+        is given.
+    :param data_vs_prior: ``(D // 2 + 1,)`` the prior as RELION's ``data_vs_prior`` per shell,
+        e.g. :func:`power_data_vs_prior` (Class3D's prior); shells where it is below ``1e-3``
+        (no signal power) are regularised as by ``1e-3``, as RELION does for ``tau2 = 0``.
     :param tau2_fudge: RELION's ``T`` (> 0).
     :param r_max: current size radius (shells): data beyond it are not used.
     :param do_map: ``False``: no prior (RELION ``--no_map``), the plain
@@ -135,21 +181,16 @@ def regularised_reconstruct(
     :return: ``(D, D, D)`` float32 map and ``data_vs_prior (D // 2 + 1,)`` float64 (``None``
         without the prior).
     """
-    shells = padded_shells(acc)
     n_shells = acc.box_size // 2 + 1
-    inner = shells <= int(r_max)
     reg = _within(acc, r_max)
     if not do_map:
         return reg.reconstruct(r_max=reconstructed_radius(acc, r_max)).float(), None
-    idx = shells.clamp(max=n_shells - 1).long()
-    sel = inner.flatten()
-    flat_idx = idx.flatten()
-    count = torch.bincount(flat_idx[sel], minlength=n_shells).double().clamp(min=1)
-    # The accumulator holds one half plane; reconstruct() adds the Hermitian mirror of the
-    # weights, so the shell means are taken over both and half of lambda (symmetric) goes in.
-    full = acc.weight + _mirror(acc.weight)
-    mean_w = _shell_sum(full.flatten(), flat_idx, sel, n_shells) / count
-    dvp = float(tau2_fudge) * whole_map_ssnr(fsc.to(mean_w))
+    mean_w, idx, _ = _shell_mean_weight(acc, r_max)
+    if data_vs_prior is not None:
+        dvp = data_vs_prior.to(mean_w)[:n_shells].clamp(min=1e-3)
+    else:
+        dvp = float(tau2_fudge) * whole_map_ssnr(fsc.to(mean_w))
+    # Half of lambda (symmetric) goes in: reconstruct() adds the Hermitian mirror of the weights.
     lam = (mean_w / dvp).to(acc.weight.dtype)[idx]
     reg.weight = acc.weight + lam / 2
     dvp = torch.where(torch.arange(n_shells, device=dvp.device) <= int(r_max), dvp, 0.0)
