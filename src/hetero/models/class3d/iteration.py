@@ -127,7 +127,12 @@ def initial_references(
             for k in range(k_count):
                 c = u * k_count + k
                 fsc_k = half_set_fsc(stats.half(c, 0), stats.half(c, 1), r0)
-                vol, dv = regularised_reconstruct(stats.accumulator(c), fsc_k, cfg.tau2_fudge, r0, cfg.do_map)
+                acc_k = stats.accumulator(c)
+                prior_dvp = None
+                if cfg.do_map and cfg.tau2_source == "power":
+                    # RELION's seeding iteration: tau2 of the (low-passed) reference it started from.
+                    prior_dvp = power_data_vs_prior(acc_k, shell_power(consensus), sigma2[u], cfg.tau2_fudge, r0)
+                vol, dv = regularised_reconstruct(acc_k, fsc_k, cfg.tau2_fudge, r0, cfg.do_map, prior_dvp)
                 maps[u, k] = flatten(vol)
                 resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
                 if dv is not None:
