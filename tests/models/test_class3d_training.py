@@ -118,6 +118,10 @@ def test_recovers_the_discrete_states_at_high_snr(tmp_path):
     truth = load_truth(dm.truth_dir)["labels"][index.numpy()]
     assert adjusted_rand_score(truth, post.argmax(1).numpy()) >= 0.95
     assert float(model.hist_changes[-1, 0]) < 0.05          # converged: assignments settled
+    # RELION's likelihood leaves the origin out (invariance to additive offsets of the maps)
+    state, _ = model._expectation_state()
+    assert torch.all(state.inv_sigma2[:, state.shell == 0] == 0)
+    assert torch.all(state.inv_sigma2[:, state.shell == 1] > 0)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

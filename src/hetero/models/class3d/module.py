@@ -196,7 +196,9 @@ class Class3D(HeteroModel):
         coarse = torch.clamp(self.radius, max=strict)
         m = self.points.count_within(int(self.radius.max()))
         shell = self.points.shell[:m].to(self.device)
-        in_e = shell[None, :] <= coarse[:, None]
+        # RELION leaves the origin out of the likelihood (Minvsigma2 = 0 at ires 0: invariance to
+        # additive offsets; the maps' mean is poorly determined, the CTF being small there).
+        in_e = (shell[None, :] <= coarse[:, None]) & (shell[None, :] > 0)
         s2 = self.sigma2[:, shell]
         inv = torch.where(in_e & (s2 > 0), 1.0 / s2.clamp(min=1e-300), 0.0)
         log_norm = torch.where(in_e & (s2 > 0), torch.log(2 * math.pi * s2.clamp(min=1e-300)), 0.0).sum(1)

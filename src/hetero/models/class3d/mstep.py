@@ -10,20 +10,29 @@ set)::
 (the division being the accumulator's ``reconstruct``: RELION's gridding density compensation
 of the regularised weights, as RELION's ``BackProjector::reconstruct`` does with ``1 / tau2``)
 
-This is RELION's MAP update ``data / (weight + 1 / (T tau2))`` with the signal power ``tau2``
-taken from the class's Fourier shell correlation between its two half sets, as RELION's
-auto-refine does (``BackProjector::updateSSNRarrays`` with ``update_tau2_with_fsc``: the half-set
-FSC of the unregularised half reconstructions of this iteration, clipped to [0.001, 0.999],
-turned into the SSNR of the whole map with ``sqrt(2 FSC / (1 + FSC))``, and
-``tau2 = SSNR * sigma2_reconstruction``, ``sigma2_reconstruction = 1 / mean weight`` of the
-shell). ``T`` is ``--tau2_fudge`` (> 1 trusts the data more). RELION's Class3D takes ``tau2``
-from the power spectrum of each reference instead; from a reference low-passed to ``ini_high``
-that prior is (numerically) zero beyond it, which in our tests kept the maps at low resolution
-and the classes collapsed, so the half-set FSC is used, as the issue asks. The regulariser is
-thus in the accumulator's own units, whatever its grid. Data beyond the replicate's current
-size are left out, as RELION never backprojects them. ``data_vs_prior(s) = T * SSNR(s)`` (the
-shell mean of ``weight / lambda``) sets the next current resolution (RELION's
-``updateCurrentResolution``: the last shell before it drops below 1, plus ``incr_size``).
+This is RELION's MAP update ``data / (weight + 1 / (T tau2))``, ``T`` being ``--tau2_fudge``
+(> 1 trusts the data more), written through ``data_vs_prior(s)`` (the shell mean of
+``weight / lambda``), with the signal power ``tau2`` from one of two sources
+(``model.tau2_source``):
+
+* ``power`` (default, RELION's Class3D): ``tau2`` is the power spectrum of the class reference
+  the E-step used (``MlModel::setFourierTransformMaps``), so
+  ``data_vs_prior = T tau2 pad^3 mean_w / sigma2`` (:func:`power_data_vs_prior`;
+  ``BackProjector::updateSSNRarrays`` without FSC; RELION's weights hold the ``1 / sigma2`` that
+  ours leave out). At low SNR the references' power falls off where the data stop carrying
+  signal, so the maps are Wiener-filtered there and the current resolution stays low.
+* ``fsc`` (RELION's auto-refine, the issue's first wording): ``tau2`` from the class's Fourier
+  shell correlation between its two half sets (``updateSSNRarrays`` with
+  ``update_tau2_with_fsc``: the half-set FSC of the unregularised half reconstructions of this
+  iteration, clipped to [0.001, 0.999], the whole map's ``SSNR`` from ``sqrt(2 FSC / (1 + FSC))``),
+  ``data_vs_prior = T SSNR``. Both halves of a class are assigned with the same references, so
+  at low SNR reference bias inflates this FSC: the prior barely regularises and the current
+  resolution sits at Nyquist (the class3d benchmark in ``docs/benchmarks.md``).
+
+The regulariser is thus in the accumulator's own units, whatever its grid. Data beyond the
+replicate's current size are left out, as RELION never backprojects them. ``data_vs_prior``
+sets the next current resolution (RELION's ``updateCurrentResolution``: the last shell before
+it drops below 1, plus ``incr_size``).
 
 Example usage::
 
