@@ -132,7 +132,8 @@ def initial_references(
                 if cfg.do_map and cfg.tau2_source == "power":
                     # RELION's seeding iteration: tau2 of the (low-passed) reference it started from.
                     prior_dvp = power_data_vs_prior(acc_k, shell_power(consensus), sigma2[u], cfg.tau2_fudge, r0)
-                vol, dv = regularised_reconstruct(acc_k, fsc_k, cfg.tau2_fudge, r0, cfg.do_map, prior_dvp)
+                vol, dv = regularised_reconstruct(acc_k, fsc_k, cfg.tau2_fudge, r0, cfg.do_map, prior_dvp,
+                                                  cfg.minres_map)
                 maps[u, k] = flatten(vol)
                 resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
                 if dv is not None:
@@ -201,7 +202,8 @@ def update_references(
                     raise ValueError("tau2_source='power' needs the E-step's noise spectrum (old_sigma2)")
                 prior_dvp = power_data_vs_prior(acc, shell_power(old_maps[u, k]), old_sigma2[u],
                                                 cfg.tau2_fudge, r)
-            vol, dv = regularised_reconstruct(acc, fsc_k, cfg.tau2_fudge, r, cfg.do_map, prior_dvp)
+            vol, dv = regularised_reconstruct(acc, fsc_k, cfg.tau2_fudge, r, cfg.do_map, prior_dvp,
+                                              cfg.minres_map)
             maps[u, k] = flatten(vol)
             if dv is not None:
                 dvp[u, k] = dv

@@ -173,7 +173,7 @@ def power_data_vs_prior(
 
 def regularised_reconstruct(
     acc: BackprojectionAccumulator, fsc: Tensor | None, tau2_fudge: float, r_max: int, do_map: bool = True,
-    data_vs_prior: Tensor | None = None,
+    data_vs_prior: Tensor | None = None, minres_map: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """One class map from the sum of its half-set accumulators (see the module docstring).
 
@@ -184,6 +184,8 @@ def regularised_reconstruct(
         e.g. :func:`power_data_vs_prior` (Class3D's prior); shells where it is below ``1e-3``
         (no signal power) are regularised as by ``1e-3``, as RELION does for ``tau2 = 0``.
     :param tau2_fudge: RELION's ``T`` (> 0).
+    :param minres_map: shells below it get no prior (RELION ``BackProjector::reconstruct`` adds
+        ``1 / tau2`` only from ``--minres_map`` on); ``data_vs_prior`` is returned for all.
     :param r_max: current size radius (shells): data beyond it are not used.
     :param do_map: ``False``: no prior (RELION ``--no_map``), the plain
         :meth:`~BackprojectionAccumulator.reconstruct` of the data within ``r_max``.
@@ -200,7 +202,8 @@ def regularised_reconstruct(
     else:
         dvp = float(tau2_fudge) * whole_map_ssnr(fsc.to(mean_w))
     # Half of lambda (symmetric) goes in: reconstruct() adds the Hermitian mirror of the weights.
-    lam = (mean_w / dvp).to(acc.weight.dtype)[idx]
+    lam = torch.where(torch.arange(n_shells, device=dvp.device) >= int(minres_map), mean_w / dvp, 0.0)
+    lam = lam.to(acc.weight.dtype)[idx]
     reg.weight = acc.weight + lam / 2
     dvp = torch.where(torch.arange(n_shells, device=dvp.device) <= int(r_max), dvp, 0.0)
     # The prior is in the weights: no flooring of small weights (1 / 1e30 only avoids 0 / 0).
