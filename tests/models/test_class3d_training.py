@@ -158,4 +158,5 @@ def test_ddp_equals_one_process(tmp_path):
         model = _model(cfg, dm)
         model.load_state_dict(state)
         posts.append(_posteriors(model, batches)[1])
-    torch.testing.assert_close(posts[0], posts[1], rtol=0, atol=1e-4)
+    # float32 maps equal to 1e-4 of their scale (summation order) move sharp posteriors by ~1e-4
+    torch.testing.assert_close(posts[0], posts[1], rtol=0, atol=1e-3)
