@@ -51,12 +51,13 @@ def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
     run_dir = workdir / "hetero"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", "model=class3d", f"model.n_classes={a.k}", f"model.n_iterations={a.iterations}",
-           f"model.tau2_fudge={a.tau2}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
+           f"model.tau2_fudge={a.tau2}", f"model.init={a.init}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
            "logger=csv", "extras.print_config=false", *data, f"hydra.run.dir={run_dir}"]
     seconds, peak = run_measured(cmd, workdir / "hetero-train.log", cwd=REPO)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     labels = np.load(run_dir / manifest["parts"]["latents"]["path"] / "class_number.npy")
-    return {"method": "hetero class3d", "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
+    name = "hetero class3d" if a.init == "consensus" else f"hetero class3d (init={a.init})"
+    return {"method": name, "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
             "peak_rss_mb": round(peak), **scores(truth, labels)}
 
 
@@ -108,6 +109,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--tau2", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default="consensus", choices=["consensus", "random_subsets"],
+                   help="hetero's model.init (random_subsets: RELION's random seeds from one --ref)")
     p.add_argument("--methods", nargs="+", default=["hetero", "relion"])
     p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")
     p.add_argument("--out", type=Path, default=None)
@@ -137,7 +140,7 @@ def main() -> None:
         result = {"date": date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv),
                   "dataset": {"kind": a.kind, "n_states": a.n_states, "n_particles": a.n_particles, "box": a.box,
                               "apix": a.apix, "snr": a.snr},
-                  "settings": {"K": a.k, "iterations": a.iterations, "tau2_fudge": a.tau2, "threads": a.threads},
+                  "settings": {"K": a.k, "init": a.init, "iterations": a.iterations, "tau2_fudge": a.tau2, "threads": a.threads},
                   "rows": rows, "oracle": oracle, "markdown": table}
         a.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -16,6 +16,7 @@ from hetero.models.class3d.membership import build_membership, leave_one_group_o
 from hetero.models.class3d.mstep import (
     current_radius,
     half_set_fsc,
+    power_data_vs_prior,
     regularised_reconstruct,
     shell_power,
     whole_map_ssnr,
@@ -189,6 +190,35 @@ def test_regularised_reconstruction_is_the_fsc_wiener_filter():
     # data beyond r_max are not used (what remains there is the real-space crop's leakage)
     low, _ = regularised_reconstruct(full, fsc, 1e12, 3)
     assert torch.all(shell_power(low)[5:] < 0.1 * shell_power(plain)[5:])
+
+
+def test_power_data_vs_prior_is_relions_per_voxel_snr():
+    """data_vs_prior = T tau2 / sigma2 x images per D-grid voxel of the shell, on any padded grid:
+    N images through a shell of radius s put 2 pi s samples each on its 4 pi s^2 voxels, N / 2s
+    per voxel (RELION's oversampling correction pad^3 makes pad 2 agree with pad 1); shells
+    without a noise estimate or beyond r_max are 0; the prior then is the Wiener filter."""
+    d, n = 16, 400
+    rot = random_rotations(n, generator=torch.Generator().manual_seed(3))
+    images = torch.randn(n, d, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    tau2 = torch.full((d // 2 + 1,), 2.0, dtype=torch.float64)
+    sigma2 = torch.full((d // 2 + 1,), 8.0, dtype=torch.float64)
+    dvps = []
+    for pad in (1, 2):
+        acc = BackprojectionAccumulator(d, pad)
+        acc.add(images, rot)
+        dvps.append(power_data_vs_prior(acc, tau2, sigma2, 4.0, d // 2))
+    s = torch.arange(3, d // 2, dtype=torch.float64)
+    expected = 4.0 * 2.0 / 8.0 * n / (2 * s)
+    assert torch.allclose(dvps[0][3 : d // 2], expected, rtol=0.15)
+    assert torch.allclose(dvps[1][3 : d // 2], dvps[0][3 : d // 2], rtol=0.15)
+    sigma2[5] = 0
+    assert float(power_data_vs_prior(acc, tau2, sigma2, 4.0, 6)[5]) == 0.0
+    assert torch.all(power_data_vs_prior(acc, tau2, sigma2, 4.0, 6)[7:] == 0)
+    # a prior given as data_vs_prior is used as is (fsc ignored): T -> 0 shrinks the map to ~0
+    vol, out = regularised_reconstruct(acc, None, 4.0, d // 2, data_vs_prior=dvps[1] * 1e-9)
+    plain, _ = regularised_reconstruct(acc, None, 4.0, d // 2, do_map=False)
+    assert float(vol.abs().max()) < 1e-2 * float(plain.abs().max())
+    assert torch.all(out[1 : d // 2 + 1] == 1e-3)      # floored as RELION does for tau2 = 0
 
 
 def test_current_radius_follows_data_vs_prior():

@@ -118,6 +118,10 @@ def test_recovers_the_discrete_states_at_high_snr(tmp_path):
     truth = load_truth(dm.truth_dir)["labels"][index.numpy()]
     assert adjusted_rand_score(truth, post.argmax(1).numpy()) >= 0.95
     assert float(model.hist_changes[-1, 0]) < 0.05          # converged: assignments settled
+    # RELION's likelihood leaves the origin out (invariance to additive offsets of the maps)
+    state, _ = model._expectation_state()
+    assert torch.all(state.inv_sigma2[:, state.shell == 0] == 0)
+    assert torch.all(state.inv_sigma2[:, state.shell == 1] > 0)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -154,4 +158,5 @@ def test_ddp_equals_one_process(tmp_path):
         model = _model(cfg, dm)
         model.load_state_dict(state)
         posts.append(_posteriors(model, batches)[1])
-    torch.testing.assert_close(posts[0], posts[1], rtol=0, atol=1e-4)
+    # float32 maps equal to 1e-4 of their scale (summation order) move sharp posteriors by ~1e-4
+    torch.testing.assert_close(posts[0], posts[1], rtol=0, atol=1e-3)

@@ -9,7 +9,8 @@ For particle ``i`` of replicate ``u`` and class ``k`` (RELION, Scheres 2012 JMB 
 
 ``X`` is the recentred particle image masked by a soft circle of the particle diameter
 (background zero, RELION ``--zero_mask``), ``E`` the half-plane pixels within the E-step radius
-(``min`` of the current resolution + ``incr_size`` shells and ``--strict_highres_exp``),
+(``min`` of the current resolution + ``incr_size`` shells and ``--strict_highres_exp``) but
+the origin (RELION's ``Minvsigma2`` is 0 at shell 0: likelihoods invariant to additive offsets),
 ``sigma2`` the per-shell noise power per real/imaginary component (the 1/2 factor is
 RELION's). Everything is vectorised over particles, replicates and classes: one row per
 (particle, replicate) pair the particle belongs to, all ``K`` classes at once; the

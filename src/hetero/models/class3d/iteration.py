@@ -29,8 +29,10 @@ from hetero.models.class3d.mstep import (
     lowpass,
     noise_spectrum,
     perturb,
+    power_data_vs_prior,
     reconstructed_radius,
     regularised_reconstruct,
+    shell_power,
     whole_map_ssnr,
 )
 from hetero.models.class3d.statistics import IterationStatistics
@@ -53,6 +55,7 @@ class Settings:
     init_perturbation: float = 0.1
     min_class_particles: float = 1.0
     seed: int = 0
+    tau2_source: str = "power"
 
     def shell(self, resolution_angstrom: float) -> int:
         """Fourier shell of a resolution (Å) in the training box."""
@@ -124,7 +127,13 @@ def initial_references(
             for k in range(k_count):
                 c = u * k_count + k
                 fsc_k = half_set_fsc(stats.half(c, 0), stats.half(c, 1), r0)
-                vol, dv = regularised_reconstruct(stats.accumulator(c), fsc_k, cfg.tau2_fudge, r0, cfg.do_map)
+                acc_k = stats.accumulator(c)
+                prior_dvp = None
+                if cfg.do_map and cfg.tau2_source == "power":
+                    # RELION's seeding iteration: tau2 of the (low-passed) reference it started from.
+                    prior_dvp = power_data_vs_prior(acc_k, shell_power(consensus), sigma2[u], cfg.tau2_fudge, r0)
+                vol, dv = regularised_reconstruct(acc_k, fsc_k, cfg.tau2_fudge, r0, cfg.do_map, prior_dvp,
+                                                  cfg.minres_map)
                 maps[u, k] = flatten(vol)
                 resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
                 if dv is not None:
@@ -137,6 +146,10 @@ def initial_references(
             for k in range(k_count):
                 maps[u, k] = perturb(consensus, gen, cfg.init_perturbation)
                 resolution[u, k] = fsc_resolution(fsc_c.float(), d, cfg.apix, threshold=0.143)
+                if cfg.do_map and cfg.tau2_source == "power":
+                    # RELION's initialiseDataVersusPrior: the reference's power, 1/K of the data.
+                    dv = power_data_vs_prior(acc, shell_power(maps[u, k]), sigma2[u], cfg.tau2_fudge,
+                                             cfg.nyquist, fraction=1.0 / k_count)
                 if dv is not None:
                     dvp[u, k] = dv
         if cfg.do_map:
@@ -158,10 +171,14 @@ def update_references(
     npix: Tensor,
     iteration: int,
     reseed: bool = True,
+    old_sigma2: Tensor | None = None,
 ) -> References:
     """End of EM iteration ``iteration`` (1-based count of completed M-steps before it).
 
     :param old_maps, old_radius: the references and current size the E-step used.
+    :param old_sigma2: ``(U, S)`` the E-step's noise spectrum (needed by
+        ``cfg.tau2_source == "power"``: RELION's ``tau2`` is the power spectrum of
+        ``old_maps``, and its weights hold ``1 / sigma2``).
     :param reseed: reseed empty classes (off in the last iteration).
     """
     u_count, k_count, d = stats.n_replicates, stats.n_classes, cfg.box_size
@@ -178,7 +195,15 @@ def update_references(
             c = u * k_count + k
             fsc_k = half_set_fsc(stats.half(c, 0), stats.half(c, 1), r)
             resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
-            vol, dv = regularised_reconstruct(stats.accumulator(c), fsc_k, cfg.tau2_fudge, r, cfg.do_map)
+            acc = stats.accumulator(c)
+            prior_dvp = None
+            if cfg.do_map and cfg.tau2_source == "power":
+                if old_sigma2 is None:
+                    raise ValueError("tau2_source='power' needs the E-step's noise spectrum (old_sigma2)")
+                prior_dvp = power_data_vs_prior(acc, shell_power(old_maps[u, k]), old_sigma2[u],
+                                                cfg.tau2_fudge, r)
+            vol, dv = regularised_reconstruct(acc, fsc_k, cfg.tau2_fudge, r, cfg.do_map, prior_dvp,
+                                              cfg.minres_map)
             maps[u, k] = flatten(vol)
             if dv is not None:
                 dvp[u, k] = dv

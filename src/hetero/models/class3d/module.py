@@ -90,6 +90,7 @@ class Class3D(HeteroModel):
         n_classes: int = 10,
         n_iterations: int = 30,
         tau2_fudge: float = 4.0,
+        tau2_source: str = "power",
         strict_highres_exp: float = 10.0,
         ini_high: float = 60.0,
         do_map: bool = True,
@@ -120,6 +121,8 @@ class Class3D(HeteroModel):
         super().__init__(box_size, apix, None, optimizer, scheduler, render_method, **data_info)
         if init not in INITS:
             raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
+        if tau2_source not in ("power", "fsc"):
+            raise ValueError(f"model.tau2_source must be 'power' or 'fsc', got {tau2_source!r}")
         if accumulator_dtype not in ("float32", "float64"):
             raise ValueError(f"model.accumulator_dtype must be float32 or float64, got {accumulator_dtype!r}")
         if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
@@ -135,7 +138,8 @@ class Class3D(HeteroModel):
         self.n_classes, self.n_replicates = k, u
         self.n_iterations = int(n_iterations)
         self.cfg = Settings(d, self.apix, k, float(tau2_fudge), bool(do_map), float(ini_high), int(incr_size),
-                            int(minres_map), init, float(init_perturbation), float(min_class_particles), int(seed))
+                            int(minres_map), init, float(init_perturbation), float(min_class_particles), int(seed),
+                            tau2_source)
         self.strict_highres_exp = float(strict_highres_exp)
         self.adaptive_fraction = float(adaptive_fraction)
         self.pad_factor = int(pad_factor)
@@ -192,7 +196,9 @@ class Class3D(HeteroModel):
         coarse = torch.clamp(self.radius, max=strict)
         m = self.points.count_within(int(self.radius.max()))
         shell = self.points.shell[:m].to(self.device)
-        in_e = shell[None, :] <= coarse[:, None]
+        # RELION leaves the origin out of the likelihood (Minvsigma2 = 0 at ires 0: invariance to
+        # additive offsets; the maps' mean is poorly determined, the CTF being small there).
+        in_e = (shell[None, :] <= coarse[:, None]) & (shell[None, :] > 0)
         s2 = self.sigma2[:, shell]
         inv = torch.where(in_e & (s2 > 0), 1.0 / s2.clamp(min=1e-300), 0.0)
         log_norm = torch.where(in_e & (s2 > 0), torch.log(2 * math.pi * s2.clamp(min=1e-300)), 0.0).sum(1)
@@ -321,7 +327,7 @@ class Class3D(HeteroModel):
             trainer = self._trainer
             last = trainer is not None and trainer.max_epochs is not None and self.current_epoch + 1 >= trainer.max_epochs
             refs = update_references(stats, self.cfg, self.solvent, self.maps, self.radius, npix, it,
-                                     reseed=not last)
+                                     reseed=not last, old_sigma2=self.sigma2)
         self._record(stats, refs, it)
         self.maps.copy_(refs.maps)
         self.sigma2.copy_(torch.where(npix > 0, refs.sigma2, self.sigma2) if it else refs.sigma2)

@@ -10,20 +10,29 @@ set)::
 (the division being the accumulator's ``reconstruct``: RELION's gridding density compensation
 of the regularised weights, as RELION's ``BackProjector::reconstruct`` does with ``1 / tau2``)
 
-This is RELION's MAP update ``data / (weight + 1 / (T tau2))`` with the signal power ``tau2``
-taken from the class's Fourier shell correlation between its two half sets, as RELION's
-auto-refine does (``BackProjector::updateSSNRarrays`` with ``update_tau2_with_fsc``: the half-set
-FSC of the unregularised half reconstructions of this iteration, clipped to [0.001, 0.999],
-turned into the SSNR of the whole map with ``sqrt(2 FSC / (1 + FSC))``, and
-``tau2 = SSNR * sigma2_reconstruction``, ``sigma2_reconstruction = 1 / mean weight`` of the
-shell). ``T`` is ``--tau2_fudge`` (> 1 trusts the data more). RELION's Class3D takes ``tau2``
-from the power spectrum of each reference instead; from a reference low-passed to ``ini_high``
-that prior is (numerically) zero beyond it, which in our tests kept the maps at low resolution
-and the classes collapsed, so the half-set FSC is used, as the issue asks. The regulariser is
-thus in the accumulator's own units, whatever its grid. Data beyond the replicate's current
-size are left out, as RELION never backprojects them. ``data_vs_prior(s) = T * SSNR(s)`` (the
-shell mean of ``weight / lambda``) sets the next current resolution (RELION's
-``updateCurrentResolution``: the last shell before it drops below 1, plus ``incr_size``).
+This is RELION's MAP update ``data / (weight + 1 / (T tau2))``, ``T`` being ``--tau2_fudge``
+(> 1 trusts the data more), written through ``data_vs_prior(s)`` (the shell mean of
+``weight / lambda``), with the signal power ``tau2`` from one of two sources
+(``model.tau2_source``):
+
+* ``power`` (default, RELION's Class3D): ``tau2`` is the power spectrum of the class reference
+  the E-step used (``MlModel::setFourierTransformMaps``), so
+  ``data_vs_prior = T tau2 pad^3 mean_w / sigma2`` (:func:`power_data_vs_prior`;
+  ``BackProjector::updateSSNRarrays`` without FSC; RELION's weights hold the ``1 / sigma2`` that
+  ours leave out). At low SNR the references' power falls off where the data stop carrying
+  signal, so the maps are Wiener-filtered there and the current resolution stays low.
+* ``fsc`` (RELION's auto-refine, the issue's first wording): ``tau2`` from the class's Fourier
+  shell correlation between its two half sets (``updateSSNRarrays`` with
+  ``update_tau2_with_fsc``: the half-set FSC of the unregularised half reconstructions of this
+  iteration, clipped to [0.001, 0.999], the whole map's ``SSNR`` from ``sqrt(2 FSC / (1 + FSC))``),
+  ``data_vs_prior = T SSNR``. Both halves of a class are assigned with the same references, so
+  at low SNR reference bias inflates this FSC: the prior barely regularises and the current
+  resolution sits at Nyquist (the class3d benchmark in ``docs/benchmarks.md``).
+
+The regulariser is thus in the accumulator's own units, whatever its grid. Data beyond the
+replicate's current size are left out, as RELION never backprojects them. ``data_vs_prior``
+sets the next current resolution (RELION's ``updateCurrentResolution``: the last shell before
+it drops below 1, plus ``incr_size``).
 
 Example usage::
 
@@ -122,35 +131,79 @@ def whole_map_ssnr(fsc: Tensor) -> Tensor:
     return f / (1 - f)
 
 
+def _shell_mean_weight(acc: BackprojectionAccumulator, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean accumulated weight per shell (both Hermitian halves) within ``r_max``, with the
+    shell index of every padded voxel and the selection of voxels within ``r_max``."""
+    shells = padded_shells(acc)
+    n_shells = acc.box_size // 2 + 1
+    idx = shells.clamp(max=n_shells - 1).long()
+    sel = (shells <= int(r_max)).flatten()
+    flat_idx = idx.flatten()
+    count = torch.bincount(flat_idx[sel], minlength=n_shells).double().clamp(min=1)
+    # The accumulator holds one half plane; reconstruct() adds the Hermitian mirror of the
+    # weights, so the shell means are taken over both.
+    full = acc.weight + _mirror(acc.weight)
+    return _shell_sum(full.flatten(), flat_idx, sel, n_shells) / count, idx, sel
+
+
+def power_data_vs_prior(
+    acc: BackprojectionAccumulator, tau2: Tensor, sigma2: Tensor, tau2_fudge: float, r_max: int,
+    fraction: float = 1.0,
+) -> Tensor:
+    """RELION Class3D's ``data_vs_prior`` per shell with ``tau2`` the reference's power spectrum.
+
+    ``T * tau2(s) * pad^3 * mean_w(s) * fraction / sigma2(s)`` (RELION
+    ``MlModel::setFourierTransformMaps`` + ``BackProjector::updateSSNRarrays`` without FSC, or
+    ``MlModel::initialiseDataVersusPrior`` with ``fraction = pdf_class`` for the first
+    iteration): ``mean_w`` is the shell mean of the accumulated ``CTF^2`` on the padded grid
+    (``pad^3`` is RELION's oversampling correction: per voxel, a slice of the padded grid
+    carries ``1 / pad^3`` of the weight it carries on the ``D`` grid), ``sigma2`` the noise
+    power per component of the E-step that made the sums (RELION's weights hold ``1 / sigma2``,
+    ours do not), ``tau2`` per component (:func:`shell_power`). Shells without noise estimate or
+    beyond ``r_max`` are 0. ``(D // 2 + 1,)`` float64.
+    """
+    mean_w, _, _ = _shell_mean_weight(acc, r_max)
+    pad3 = (acc.padded_size / acc.box_size) ** 3
+    s2 = sigma2.to(mean_w)
+    n = mean_w.numel()
+    dvp = float(tau2_fudge) * tau2.to(mean_w)[:n] * pad3 * mean_w * float(fraction) / s2.clamp(min=1e-300)[:n]
+    dvp = torch.where(s2[:n] > 0, dvp, 0.0)
+    return torch.where(torch.arange(n, device=dvp.device) <= int(r_max), dvp, 0.0)
+
+
 def regularised_reconstruct(
-    acc: BackprojectionAccumulator, fsc: Tensor | None, tau2_fudge: float, r_max: int, do_map: bool = True
+    acc: BackprojectionAccumulator, fsc: Tensor | None, tau2_fudge: float, r_max: int, do_map: bool = True,
+    data_vs_prior: Tensor | None = None, minres_map: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """One class map from the sum of its half-set accumulators (see the module docstring).
 
-    :param fsc: ``(D // 2 + 1,)`` half-set FSC of the class (:func:`half_set_fsc`).
+    :param fsc: ``(D // 2 + 1,)`` half-set FSC of the class (:func:`half_set_fsc`), giving
+        ``data_vs_prior = T * SSNR(FSC)`` (auto-refine's prior); ignored when ``data_vs_prior``
+        is given.
+    :param data_vs_prior: ``(D // 2 + 1,)`` the prior as RELION's ``data_vs_prior`` per shell,
+        e.g. :func:`power_data_vs_prior` (Class3D's prior); shells where it is below ``1e-3``
+        (no signal power) are regularised as by ``1e-3``, as RELION does for ``tau2 = 0``.
     :param tau2_fudge: RELION's ``T`` (> 0).
+    :param minres_map: shells below it get no prior (RELION ``BackProjector::reconstruct`` adds
+        ``1 / tau2`` only from ``--minres_map`` on); ``data_vs_prior`` is returned for all.
     :param r_max: current size radius (shells): data beyond it are not used.
     :param do_map: ``False``: no prior (RELION ``--no_map``), the plain
         :meth:`~BackprojectionAccumulator.reconstruct` of the data within ``r_max``.
     :return: ``(D, D, D)`` float32 map and ``data_vs_prior (D // 2 + 1,)`` float64 (``None``
         without the prior).
     """
-    shells = padded_shells(acc)
     n_shells = acc.box_size // 2 + 1
-    inner = shells <= int(r_max)
     reg = _within(acc, r_max)
     if not do_map:
         return reg.reconstruct(r_max=reconstructed_radius(acc, r_max)).float(), None
-    idx = shells.clamp(max=n_shells - 1).long()
-    sel = inner.flatten()
-    flat_idx = idx.flatten()
-    count = torch.bincount(flat_idx[sel], minlength=n_shells).double().clamp(min=1)
-    # The accumulator holds one half plane; reconstruct() adds the Hermitian mirror of the
-    # weights, so the shell means are taken over both and half of lambda (symmetric) goes in.
-    full = acc.weight + _mirror(acc.weight)
-    mean_w = _shell_sum(full.flatten(), flat_idx, sel, n_shells) / count
-    dvp = float(tau2_fudge) * whole_map_ssnr(fsc.to(mean_w))
-    lam = (mean_w / dvp).to(acc.weight.dtype)[idx]
+    mean_w, idx, _ = _shell_mean_weight(acc, r_max)
+    if data_vs_prior is not None:
+        dvp = data_vs_prior.to(mean_w)[:n_shells].clamp(min=1e-3)
+    else:
+        dvp = float(tau2_fudge) * whole_map_ssnr(fsc.to(mean_w))
+    # Half of lambda (symmetric) goes in: reconstruct() adds the Hermitian mirror of the weights.
+    lam = torch.where(torch.arange(n_shells, device=dvp.device) >= int(minres_map), mean_w / dvp, 0.0)
+    lam = lam.to(acc.weight.dtype)[idx]
     reg.weight = acc.weight + lam / 2
     dvp = torch.where(torch.arange(n_shells, device=dvp.device) <= int(r_max), dvp, 0.0)
     # The prior is in the weights: no flooring of small weights (1 / 1e30 only avoids 0 / 0).
