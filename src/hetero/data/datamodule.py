@@ -64,7 +64,7 @@ log = RankedLogger(__name__)
 
 __all__ = ["ParticleDataModule", "SAMPLERS"]
 
-SAMPLERS = ("healpix", "random")
+SAMPLERS = ("healpix", "random", "sequential")
 
 
 class ParticleDataModule(L.LightningDataModule):
@@ -98,7 +98,9 @@ class ParticleDataModule(L.LightningDataModule):
     :param num_workers: DataLoader worker processes per loader and rank.
     :param pin_memory: pin host memory of batches (GPU training).
     :param persistent_workers: keep workers alive between epochs (only if ``num_workers > 0``).
-    :param sampler: ``"healpix"`` (one projection class per batch; needs poses) or ``"random"``.
+    :param sampler: ``"healpix"`` (one projection class per batch; needs poses), ``"random"`` or
+        ``"sequential"`` (contiguous unshuffled shards: every particle exactly once per epoch,
+        never repeated to pad a DDP rank; for EM models).
     :param healpix_nside: HEALPix resolution of the projection classes (2 -> 48 classes).
     :param sampler_seed: seed of the per-epoch batch shuffles.
     :param half_sets_seed: seed of the random half sets (when the input has none).
@@ -340,6 +342,8 @@ class ParticleDataModule(L.LightningDataModule):
                 self.train_dataset.pose_classes, self.batch_size, world_size, rank,
                 seed=self.sampler_seed,
             )
+        if self.sampler == "sequential":  # exactly once per epoch, no padding (EM models)
+            return SequentialShardBatchSampler(len(self.train_dataset), self.batch_size, world_size, rank)
         return RandomBatchSampler(
             len(self.train_dataset), self.batch_size, world_size, rank, seed=self.sampler_seed
         )

@@ -208,12 +208,18 @@ class BackprojectionAccumulator:
         self.weight += other.weight
         self.count += other.count
 
-    def density_compensation(self, wiener_snr: float = float("inf")) -> Tensor:
+    def density_compensation(self, wiener_snr: float = float("inf"), r_max: float | None = None) -> Tensor:
         """RELION's iterative preweighting ``W`` on the ``P^3`` grid (zero outside the sphere
-        ``|q| < P / 2``): ``W * ((W * weight) (*) blob) ~ W`` there (module docstring)."""
+        ``|q| < P / 2``): ``W * ((W * weight) (*) blob) ~ W`` there (module docstring).
+
+        :param r_max: radius (in shells of ``D``) of the sphere instead, ``|q| <
+        round(r_max * pad_factor)`` (RELION's ``BackProjector::reconstruct`` with ``r_max`` below
+        Nyquist, as 3D classification uses it at its current size); ``None``: ``D / 2``.
+        """
         p = self.padded_size
         weight = self.weight + _mirror(self.weight)
-        inside = radius_grid((p,) * 3, device=weight.device, dtype=weight.dtype) < p / 2
+        limit = p / 2 if r_max is None else min(p / 2, round(float(r_max) * self.pad_factor))
+        inside = radius_grid((p,) * 3, device=weight.device, dtype=weight.dtype) < limit
         if wiener_snr != float("inf"):
             weight = weight + inside * (1.0 / wiener_snr)
         # The convolution runs in float32 (relative error ~1e-7, far below the blob's own
@@ -221,21 +227,31 @@ class BackprojectionAccumulator:
         multiplier = _blob_multiplier(p, device=weight.device).to(torch.float32)
         new = inside.to(weight.dtype)
         for _ in range(self.preweight_iterations):
-            spectrum = torch.fft.rfftn((new * weight).to(torch.float32)) * multiplier
-            conv = torch.fft.irfftn(spectrum, s=(p, p, p)).to(weight.dtype)
+            # Scaled by a power of two (exact) so that float32 cannot overflow where W grew
+            # large (voxels with little or no weight nearby, e.g. few particles).
+            product = new * weight
+            top = float(product.abs().max())
+            scale = 2.0 ** math.ceil(math.log2(top)) if 0 < top < math.inf else 1.0
+            spectrum = torch.fft.rfftn((product / scale).to(torch.float32)) * multiplier
+            conv = torch.fft.irfftn(spectrum, s=(p, p, p)).to(weight.dtype) * scale
             new = torch.where(inside, new / conv.abs().clamp(min=PREWEIGHT_FLOOR), 0.0)
         return new
 
-    def reconstruct(self, wiener_snr: float = float("inf"), mask_outside: bool = True) -> Tensor:
+    def reconstruct(
+        self, wiener_snr: float = float("inf"), mask_outside: bool = True, r_max: float | None = None
+    ) -> Tensor:
         """The real-space ``(D, D, D)`` estimate (RELION's ``reconstruct``).
 
         :param wiener_snr: constant Wiener regulariser: ``1/snr`` is added to the weights inside
             the sphere before the density compensation (``inf``: none, as ``relion_reconstruct``).
         :param mask_outside: apply RELION's ``softMaskOutsideMap`` beyond radius ``D / 2``
             (default, as RELION; ``False`` keeps the gridding ghosts in the corners).
+        :param r_max: Fourier radius (shells of ``D``) reconstructed (:meth:`density_compensation`);
+            ``None``: ``D / 2``. Data beyond it should not have been inserted: with no weight
+            there, the density compensation would grow without bound.
         """
         spec = (self.numerator + _mirror(self.numerator).conj()) * self.density_compensation(
-            wiener_snr
+            wiener_snr, r_max
         )
         big = ifft3_centered(spec).real
         d, o = self.box_size, self.padded_size // 2 - self.box_size // 2

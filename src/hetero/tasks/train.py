@@ -291,10 +291,22 @@ def _inference_device(cfg: DictConfig):
     return torch.device("cpu")
 
 
+def task_function(cfg: DictConfig):
+    """The task ``train.py`` runs: ``cfg.task`` (a dotted path; default :func:`train`). A
+    method that is not one LightningModule (AlphaCryo4D's stages) names its own task in its
+    model config."""
+    path = cfg.get("task")
+    if not path:
+        return train
+    import hydra
+
+    return hydra.utils.get_method(str(path))
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Entry used by ``train.py``: train, always close wandb, return the optimised metric."""
+    """Entry used by ``train.py``: run the task, always close wandb, return the optimised metric."""
     try:
-        metrics, _ = train(cfg)
+        metrics, _ = task_function(cfg)(cfg)
     finally:
         _finish_wandb()
     name = cfg.get("optimized_metric")

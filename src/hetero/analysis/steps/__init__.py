@@ -4,6 +4,9 @@
 ``embedding``       PCA and UMAP of the embedding (``latent/``; state ``pca``, ``embedding_2d``)
 ``clustering``      k-means with snapped centres, and the method's own labels (``clusters/``;
                     state ``clusters``, ``method_labels``)
+``landscape``       pseudo-energy landscape of the particle density over the 2-D embedding,
+                    minimum-energy path, states along it, maps decoded along it (``landscape/``;
+                    off unless ``landscape.enabled``)
 ``decoded_maps``    maps decoded at cluster centres / the consensus (``maps/decoded/``)
 ``traversals``      maps decoded along principal components (``maps/decoded/pcN/``)
 ``ground_truth``    ARI/AMI, oracle, per-state and per-image FSC of decoded maps, neighbourhoods
@@ -24,6 +27,7 @@ from collections.abc import Callable
 SHARED_STEPS = {
     "embedding": "hetero.analysis.steps.embedding.embedding",
     "clustering": "hetero.analysis.steps.clustering.clustering",
+    "landscape": "hetero.analysis.steps.landscape.landscape",
     "decoded_maps": "hetero.analysis.steps.decoded.decoded_maps",
     "traversals": "hetero.analysis.steps.decoded.traversals",
     "ground_truth": "hetero.analysis.steps.ground_truth.ground_truth",

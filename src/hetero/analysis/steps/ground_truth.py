@@ -88,6 +88,20 @@ def _clustering_scores(ctx, gt: dict, blocks: list[str]) -> None:
             gt["ari_fraction_of_oracle"] = scores["ari"] / oracle["ari"]
             rows.append(("ARI / oracle ARI", gt["ari_fraction_of_oracle"]))
     blocks.append(R.table(rows, ["clustering (k-means, k = true states)", "value"]))
+    method_labels = ctx.state.get("method_labels")
+    if method_labels is not None:
+        # The method's own assignment (class3d classes, voted states), discarded (-1) left out.
+        kept = np.asarray(method_labels) >= 0
+        own = M.ari_ami(np.asarray(truth["labels"]).ravel()[kept], np.asarray(method_labels)[kept])
+        gt["method_ari"], gt["method_ami"] = own["ari"], own["ami"]
+        gt["method_labelled_fraction"] = float(kept.mean())
+        name = ctx.result.label_name or "label"
+        rows = [(f"ARI ({name})", own["ari"]), (f"AMI ({name})", own["ami"]),
+                ("particles labelled", float(kept.mean()))]
+        if gt.get("oracle_ari"):
+            gt["method_ari_fraction_of_oracle"] = own["ari"] / gt["oracle_ari"]
+            rows.append((f"ARI ({name}) / oracle ARI", gt["method_ari_fraction_of_oracle"]))
+        blocks.append(R.table(rows, [f"the method's own {name} assignment", "value"]))
 
 
 def _truth_figures(ctx, blocks: list[str]) -> None:

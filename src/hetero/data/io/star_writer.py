@@ -20,7 +20,7 @@ Example usage::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +203,10 @@ def _updated_rows(table: ParticleTable, idx: np.ndarray, out: Path) -> pd.DataFr
 
 
 def write_star(
-    path: str | Path, table: ParticleTable, indices: np.ndarray | Sequence[int] | None = None
+    path: str | Path,
+    table: ParticleTable,
+    indices: np.ndarray | Sequence[int] | None = None,
+    columns: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write particles ``indices`` (default all, in that order) as a RELION 3.1 STAR file.
 
@@ -219,7 +222,11 @@ def write_star(
     In every case the poses are the table's and the image names open from ``path`` (module
     docstring). Written atomically; floats at their shortest exact representation.
 
+    ``columns``: particle columns to add or replace, ``{name: (N,) array}`` over all ``N``
+    particles of the table (e.g. ``rlnClassNumber`` from a classification).
+
     :raises InputError: ``path`` is the table's own input file (inputs are never overwritten).
+    :raises ValueError: a column that is not ``(N,)``.
     :return: ``path``.
     """
     path = Path(path)
@@ -232,9 +239,13 @@ def write_star(
     idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise IndexError(f"write_star {path}: indices out of range for {n} particles")
+    for name, values in (columns or {}).items():
+        if np.shape(values) != (n,):
+            raise ValueError(f"write_star {path}: column {name} must be ({n},), got {np.shape(values)}")
     rows, optics = table.rows, table.optics
     if rows is not None and optics is not None:
-        return _write_blocks(path, [("optics", optics), ("particles", _updated_rows(table, idx, path))])
+        return _write_blocks(path, [("optics", optics),
+                                    ("particles", _with_columns(_updated_rows(table, idx, path), columns, idx))])
     new_optics, groups = _optics_from_arrays(table, idx)
     built = _particles_from_arrays(table, idx, groups, path)
     if rows is not None:  # RELION 3.0 rows: keep names and extra columns, convert the rest
@@ -244,4 +255,13 @@ def write_star(
         for col in subset.columns:
             if col not in built.columns and col not in drop:
                 built[col] = subset[col].to_numpy()
-    return _write_blocks(path, [("optics", new_optics), ("particles", built)])
+    return _write_blocks(path, [("optics", new_optics), ("particles", _with_columns(built, columns, idx))])
+
+
+def _with_columns(particles, columns: Mapping[str, np.ndarray] | None, idx: np.ndarray):
+    """``particles`` (a DataFrame of the rows ``idx``) with ``columns`` (over all particles) set."""
+    if columns:
+        particles = particles.copy()
+        for name, values in columns.items():
+            particles[name] = np.asarray(values)[idx]
+    return particles

@@ -1,0 +1,152 @@
+"""class3d beside RELION 3.1.3's own 3D classification without alignment, same particles.
+
+For one built-in synthetic dataset (kind, states, SNR, particles, box) this runs, on the same
+``particles.star`` (poses, origins and CTF from the simulation, as a consensus refinement would
+give them):
+
+* ``hetero``: ``train.py model=class3d`` (K classes, N iterations, T, 10 Å E-step limit, 60 Å
+  initial low-pass, consensus init) with the inference pass; labels = argmax class;
+* ``relion``: ``relion_reconstruct --ctf`` (the consensus reference), then ``relion_refine
+  --skip_align`` with the same K, N, T, ``--ini_high 60 --strict_highres_exp 10
+  --particle_diameter`` (hetero's default mask), ``--flatten_solvent --zero_mask --ctf --pad 2``;
+  labels = ``rlnClassNumber`` of ``run_itNNN_data.star`` (matched to the input by image name);
+* ``oracle``: the physical limit of classification (:mod:`hetero.data.synthetic.oracle`).
+
+Both are scored by ARI/AMI of their labels against the true states (and as a fraction of the
+oracle's ARI), with wall time (``hetero`` includes start-up and the inference pass) and peak
+resident memory. Writes JSON (``--out``) and prints a Markdown table for ``docs/benchmarks.md``.
+RELION is optional: without ``relion_refine`` on PATH its row is skipped (logged).
+
+Example usage::
+
+    nice -n 10 python benchmarks/bench_class3d_relion.py --n-states 4 --n-particles 2000 \\
+        --box 32 --snr 0.05 --iterations 15 --threads 1 --out docs/bench_class3d_relion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import starfile
+from _common import machine, run_measured
+from bench_accuracy import run_oracle, synthetic_dataset
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scores(truth: np.ndarray, labels: np.ndarray) -> dict:
+    return {"ari": float(adjusted_rand_score(truth, labels)), "ami": float(adjusted_mutual_info_score(truth, labels)),
+            "class_sizes": np.bincount(labels[labels >= 0]).tolist()}
+
+
+def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
+    run_dir = workdir / "hetero"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "train.py", "model=class3d", f"model.n_classes={a.k}", f"model.n_iterations={a.iterations}",
+           f"model.tau2_fudge={a.tau2}", f"model.init={a.init}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
+           "logger=csv", "extras.print_config=false", *data, f"hydra.run.dir={run_dir}"]
+    seconds, peak = run_measured(cmd, workdir / "hetero-train.log", cwd=REPO)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    labels = np.load(run_dir / manifest["parts"]["latents"]["path"] / "class_number.npy")
+    name = "hetero class3d" if a.init == "consensus" else f"hetero class3d (init={a.init})"
+    return {"method": name, "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
+            "peak_rss_mb": round(peak), **scores(truth, labels)}
+
+
+def run_relion(a, star: Path, diameter: float, workdir: Path, truth: np.ndarray) -> dict | None:
+    if shutil.which("relion_refine") is None:
+        print("relion_refine not on PATH: RELION row skipped", file=sys.stderr)
+        return None
+    out = workdir / "relion"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    ref = out / "consensus.mrc"
+    rec_s, _ = run_measured(["relion_reconstruct", "--i", star, "--o", ref, "--ctf"], out / "reconstruct.log",
+                            cwd=star.parent)
+    cmd = ["relion_refine", "--i", star, "--o", out / "run", "--ref", ref, "--ini_high", "60",
+           "--K", a.k, "--iter", a.iterations, "--tau2_fudge", a.tau2, "--particle_diameter", f"{diameter:.2f}",
+           "--flatten_solvent", "--zero_mask", "--ctf", "--skip_align", "--strict_highres_exp", "10", "--pad", "2",
+           "--j", a.threads, "--pool", "30", "--dont_combine_weights_via_disc", "--random_seed", "0"]
+    seconds, peak = run_measured(cmd, out / "refine.log", cwd=star.parent)
+    data = starfile.read(out / f"run_it{a.iterations:03d}_data.star")["particles"]
+    names = starfile.read(star)["particles"]["rlnImageName"].tolist()
+    order = {n: i for i, n in enumerate(names)}
+    labels = np.full(len(names), -1, dtype=np.int64)
+    labels[[order[n] for n in data["rlnImageName"]]] = data["rlnClassNumber"].to_numpy() - 1
+    return {"method": "RELION 3.1.3 relion_refine --skip_align", "seconds": round(seconds + rec_s, 1),
+            "seconds_per_iteration": round(seconds / a.iterations, 2), "peak_rss_mb": round(peak),
+            **scores(truth, labels)}
+
+
+def markdown(rows: list[dict], oracle: dict) -> str:
+    lines = ["| method | ARI | ARI / oracle | AMI | class sizes | wall (s) | s / iteration | peak RSS (MB) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        frac = r["ari"] / oracle["ari"] if oracle["ari"] > 0 else float("nan")
+        lines.append(f"| {r['method']} | {r['ari']:.3f} | {frac:.2f} | {r['ami']:.3f} | {r['class_sizes']} | "
+                     f"{r['seconds']:.0f} | {r['seconds_per_iteration']:.2f} | {r['peak_rss_mb']} |")
+    lines.append(f"| oracle | {oracle['ari']:.3f} | 1.00 | {oracle['ami']:.3f} | | {oracle['seconds']:.0f} | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", default="discrete")
+    p.add_argument("--n-states", type=int, default=4)
+    p.add_argument("--n-particles", type=int, default=2000)
+    p.add_argument("--box", type=int, default=32)
+    p.add_argument("--apix", type=float, default=6.0)
+    p.add_argument("--snr", type=float, default=0.05)
+    p.add_argument("--k", type=int, default=None, help="classes (default: the number of states)")
+    p.add_argument("--iterations", type=int, default=15)
+    p.add_argument("--tau2", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default="consensus", choices=["consensus", "random_subsets"],
+                   help="hetero's model.init (random_subsets: RELION's random seeds from one --ref)")
+    p.add_argument("--methods", nargs="+", default=["hetero", "relion"])
+    p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    a.k = a.k or a.n_states
+    data = [f"data.particles.kind={a.kind}", f"data.particles.n_states={a.n_states}",
+            f"data.particles.n_particles={a.n_particles}", f"data.particles.box_size={a.box}",
+            f"data.particles.pixel_size_angstrom={a.apix}", f"data.particles.snr={a.snr}", f"data.box_size={a.box}"]
+    ds = synthetic_dataset(data)
+    star = Path(ds.ensure())
+    from hetero.data.synthetic import load_truth
+
+    truth = np.asarray(load_truth(ds.truth_dir)["labels"])
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    diameter = (a.box - 5.0) * a.apix  # class3d's default particle_diameter
+    rows = []
+    if "hetero" in a.methods:
+        rows.append(run_hetero(a, data, a.workdir, truth))
+    if "relion" in a.methods:
+        row = run_relion(a, star, diameter, a.workdir, truth)
+        if row:
+            rows.append(row)
+    oracle = run_oracle(ds)
+    table = markdown(rows, oracle)
+    print(table)
+    if a.out:
+        result = {"date": date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv),
+                  "dataset": {"kind": a.kind, "n_states": a.n_states, "n_particles": a.n_particles, "box": a.box,
+                              "apix": a.apix, "snr": a.snr},
+                  "settings": {"K": a.k, "init": a.init, "iterations": a.iterations, "tau2_fudge": a.tau2, "threads": a.threads},
+                  "rows": rows, "oracle": oracle, "markdown": table}
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"{err.cmd[0]} failed ({err.returncode}): {err.output}")

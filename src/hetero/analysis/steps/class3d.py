@@ -1,0 +1,96 @@
+"""Step of ``model=class3d`` (its manifest's ``analysis_steps``): what RELION's Class3D writes
+beside its maps.
+
+- ``class3d/particles.star``: every particle with the original columns plus ``rlnClassNumber``
+  (1-based argmax class of replicate 0, as RELION numbers classes) and
+  ``rlnMaxValueProbDistribution`` (its posterior there); with ``U > 1`` replicates, one
+  ``class3d/particles_replicate_UUU.star`` per replicate (particles it contains only);
+- ``class3d/iterations.csv``: per EM iteration and class (replicate 0): class fraction,
+  half-set FSC = 0.143 resolution, FSC(new, previous map) = 0.5 resolution, and per iteration
+  the current resolution, mean log-likelihood, fraction of changed assignments and mean max
+  posterior (RELION's ``_model.star`` and ``_optimiser`` quantities);
+- a report section "Classification" with those tables and a class-size plot.
+
+Reads the model from ``ctx.result.extras["model"]`` (the generic loader puts it there) and the
+per-particle arrays from ``ctx.result``; needs the particle table for the star files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetero.analysis import report as R
+from hetero.data.io.star_writer import write_star
+from hetero.utils.files import write_text
+
+SECTION = "Classification"
+
+
+def class3d(ctx) -> None:
+    """Write the class3d tables and star files (module docstring)."""
+    result, model = ctx.result, ctx.result.extras["model"]
+    out = ctx.out / "class3d"
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = ctx.section(SECTION)
+    history = _history_rows(model)
+    ctx.files.append(write_text(out / "iterations.csv", _csv(history)))
+    last = history[-1] if history else {}
+    ctx.metrics["class3d"] = {
+        "iterations": int(model.iteration),
+        "class_fractions": [float(v) for v in model.prior[0].tolist()],
+        "final_changes": last.get("changes"),
+        "final_resolution": last.get("current_resolution"),
+    }
+    blocks.append(R.paragraph(
+        f"{int(model.iteration)} EM iterations (the first is the seeding iteration), "
+        f"{model.n_classes} classes, {model.n_replicates} replicate(s); replicate 0 below."))
+    k = model.n_classes
+    rows = [(r["iteration"], r["current_resolution"], r["loglik"], r["changes"], r["pmax"],
+             *(r[f"fraction_{c + 1}"] for c in range(k))) for r in history]
+    blocks.append(R.table(rows, ["iteration", "current resolution (Å)", "log-likelihood", "changes",
+                                 "mean max posterior", *(f"class {c + 1}" for c in range(k))]))
+    if history:
+        blocks.append(R.table(
+            [(c + 1, last[f"fraction_{c + 1}"], last[f"resolution_{c + 1}"], last[f"fsc_change_{c + 1}"])
+             for c in range(k)],
+            ["class", "fraction", "half-set FSC 0.143 (Å)", "FSC vs previous iteration 0.5 (Å)"]))
+    table = ctx.datamodule("class3d star file").table
+    if len(table) != result.n_particles:
+        raise ValueError(f"the data have {len(table)} particles but the run's posteriors {result.n_particles}")
+    classes = np.asarray(result.labels)
+    pmax = np.asarray(result.per_particle["max_prob"], dtype=np.float64)
+    ctx.files.append(write_star(
+        out / "particles.star", table, np.flatnonzero(classes >= 0),
+        columns={"rlnClassNumber": classes + 1, "rlnMaxValueProbDistribution": pmax}))
+    rep_cls = result.per_particle.get("replicate_class")
+    if rep_cls is not None:
+        rep_p = np.asarray(result.per_particle["replicate_max_prob"], dtype=np.float64)
+        for u in range(rep_cls.shape[1]):
+            ctx.files.append(write_star(
+                out / f"particles_replicate_{u:03d}.star", table, np.flatnonzero(rep_cls[:, u] >= 0),
+                columns={"rlnClassNumber": rep_cls[:, u] + 1, "rlnMaxValueProbDistribution": rep_p[:, u]}))
+    blocks.append(R.file_list(ctx.out, [p for p in ctx.files if out in p.parents]))
+
+
+def _history_rows(model) -> list[dict]:
+    """One dict per completed iteration (replicate 0), NaN where a value does not exist."""
+    rows = []
+    for i in range(model.hist_loglik.shape[0]):
+        weight = model.hist_class_weight[i, 0]
+        total = float(weight.sum())
+        row = {"iteration": i + 1, "current_resolution": float(model.hist_resolution[i, 0]),
+               "loglik": float(model.hist_loglik[i, 0]), "changes": float(model.hist_changes[i, 0]),
+               "pmax": float(model.hist_pmax[i, 0])}
+        for c in range(model.n_classes):
+            row[f"fraction_{c + 1}"] = float(weight[c]) / total if total > 0 else float("nan")
+            row[f"resolution_{c + 1}"] = float(model.hist_class_resolution[i, 0, c])
+            row[f"fsc_change_{c + 1}"] = float(model.hist_fsc_change[i, 0, c])
+        rows.append(row)
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    return ",".join(keys) + "\n" + "".join(",".join(f"{r[k]:.6g}" for k in keys) + "\n" for r in rows)

@@ -1,0 +1,97 @@
+"""class3d through train.py's and analyze.py's tasks: a tiny run on two planted states, analysed
+through the run manifest and the result interface (posteriors as the embedding, argmax class as
+the method's labels, class maps as its state maps), scored against the truth."""
+
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from sklearn.metrics import adjusted_rand_score
+
+from tests.helpers import CONF_DIR, compose_train
+
+CLASS3D_RUN = [
+    "model=class3d",
+    "model.n_classes=2",
+    "trainer.max_epochs=5",
+    "predict=true",
+    "callbacks=default",
+    "++callbacks.progress_bar=null",
+    "data.val_fraction=0",
+    "data.batch_size=64",
+]
+
+
+def test_class3d_run_is_analysed_per_class(tmp_path):
+    from hetero.data.synthetic import load_truth
+    from hetero.tasks.analyze import analyze
+    from hetero.tasks.train import run
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train(run_dir, CLASS3D_RUN)
+    run(cfg)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["method"] == "class3d"
+    assert manifest["result_loader"] == "hetero.analysis.result.load_model_result"
+    latents = run_dir / manifest["parts"]["latents"]["path"]
+    post = np.load(latents / "posterior.npy")
+    assert post.shape == (400, 2) and np.allclose(post.sum(1), 1, atol=1e-5)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    truth = load_truth(dm.truth_dir)["labels"]
+    classes = np.load(latents / "class_number.npy")
+    assert np.array_equal(classes, post.argmax(1))
+    assert adjusted_rand_score(truth, classes) >= 0.95
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        acfg = compose(config_name="analyze", overrides=[
+            f"run_dir={run_dir}", "progress=false", "n_clusters=2", "pca_components=2",
+            "n_pc_traversals=0", "umap.enabled=false", "per_image_fsc_samples=0",
+            "reconstruction.clusters=false", "reconstruction.preweight_iterations=5",
+        ])
+    metrics = analyze(acfg)
+    out = run_dir / "analysis"
+    gt = metrics["ground_truth"]
+    # Posteriors as the embedding (k-means) and argmax class as the method's labels.
+    assert gt["k_true"] == 2 and gt["ari"] >= 0.95 and gt["method_ari"] >= 0.95, gt
+    assert gt["method_ari"] == pytest.approx(adjusted_rand_score(truth, classes))
+    # The class maps themselves (state maps with their voxel size, resampled to the original box).
+    maps = sorted((out / "maps" / "method").glob("class_*.mrc"))
+    assert [p.name for p in maps] == ["class_000.mrc", "class_001.mrc"]
+    with mrcfile.open(maps[0]) as mrc:
+        assert mrc.data.shape == (32,) * 3 and mrc.voxel_size.x == pytest.approx(5.0)
+    # Per-class reconstructions at the original box (32 px, 5 Å) with half maps and FSC.
+    rec = out / "maps" / "reconstructed" / "method_class"
+    for k in range(2):
+        assert (rec / f"class_{k:03d}_half1.mrc").is_file() and (rec / f"class_{k:03d}_half2.mrc").is_file()
+        assert (rec / f"class_{k:03d}_fsc.csv").is_file()
+    with mrcfile.open(rec / "class_000.mrc") as mrc:
+        assert mrc.data.shape == (32,) * 3 and mrc.voxel_size.x == pytest.approx(5.0)
+    rows = metrics["reconstructed"]["method_class"]
+    assert sorted(r["particles"] for r in rows) == sorted(np.bincount(classes).tolist())
+    assert all(r["res_0.143_unmasked"] < 40.0 for r in rows), rows
+    # Each true state's majority class is reconstructed closer to it than the consensus, as
+    # close as from exactly its own particles.
+    scored = gt["reconstructed"]
+    assert scored["method_class"]["auc_mean"] > scored["consensus"]["auc_mean"]
+    assert scored["method_class"]["auc_mean"] == pytest.approx(scored["truth_states"]["auc_mean"], abs=0.005)
+    # Subsets per class and the report.
+    for k in range(2):
+        assert (out / "subsets" / f"class_{k:03d}.star").is_file()
+    assert metrics["subsets"][f"class_{0:03d}"] + metrics["subsets"][f"class_{1:03d}"] == 400
+    # The method's own step: RELION-style star file with rlnClassNumber, per-iteration history.
+    star = starfile.read(out / "class3d" / "particles.star")["particles"]
+    assert len(star) == 400 and np.array_equal(star["rlnClassNumber"].to_numpy(), classes + 1)
+    assert np.all(star["rlnMaxValueProbDistribution"].to_numpy() >= 0.5)
+    history = (out / "class3d" / "iterations.csv").read_text().splitlines()
+    assert len(history) == 1 + 5 and history[0].startswith("iteration,current_resolution")
+    report = (out / "report.html").read_text()
+    assert "<h2>Classification</h2>" in report and "own class assignment" in report
