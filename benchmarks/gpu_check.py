@@ -106,9 +106,10 @@ def run_checks(args) -> dict:
             out.unlink(missing_ok=True)
             run = work / f"{model}_box{box}"
             batches = args.batches if not args.dry_run else 6
+            batch_size = args.batch_size if not args.dry_run else 8  # full-width networks on a CPU
             code, secs = _train([f"model={model}", *device, *common, "trainer.max_epochs=1",
                                  f"trainer.limit_train_batches={batches}", "trainer.limit_val_batches=0",
-                                 f"data.batch_size={args.batch_size}", f"hydra.run.dir={run}",
+                                 f"data.batch_size={batch_size}", f"hydra.run.dir={run}",
                                  *_data_overrides(box, args.particles, args.dry_run),
                                  "+callbacks.throughput._target_=hetero.callbacks.throughput.Throughput",
                                  f"+callbacks.throughput.output={out}", *extra],
