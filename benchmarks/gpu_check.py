@@ -223,10 +223,13 @@ def main() -> None:
     p.add_argument("--particles", type=int, default=2000, help="synthetic particles per timed box")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=25, help="training batches per timed run")
-    p.add_argument("--step-timeout", type=float, default=150.0, help="seconds per step")
+    p.add_argument("--step-timeout", type=float, default=None,
+                   help="seconds per step (default 150; 900 with --dry-run: full-size models on a CPU)")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script itself")
     args = p.parse_args()
+    if args.step_timeout is None:
+        args.step_timeout = 900.0 if args.dry_run else 150.0
     results = run_checks(args)
     _save(results, args)
     print(markdown(results))
