@@ -206,3 +206,24 @@ def test_an_input_error_inside_hydra_instantiate_prints_as_its_message(tmp_path,
     with pytest.raises(InstantiationException):
         run_task(bug, None, output_dir=started)
     assert started.is_dir()
+
+
+def test_a_missing_required_value_prints_what_to_pass(tmp_path, capsys, monkeypatch):
+    """``data=custom`` without ``data.particles``: one message naming the key, no traceback."""
+    from omegaconf import OmegaConf
+
+    from hetero.tasks.cli import run_task
+
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+    cfg = OmegaConf.create({"data": {"particles": "???"}})
+
+    def task(cfg):
+        return cfg.data.particles
+
+    run_dir = tmp_path / "new"
+    run_dir.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_task(task, cfg, output_dir=run_dir)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "Missing mandatory value: data.particles: pass data.particles=<value>" in err

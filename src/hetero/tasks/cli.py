@@ -54,6 +54,7 @@ _USER_ERRORS = (
     ("hetero.analysis.rundir", "DataUnavailableError"),
     ("hetero.analysis.result", "NonFiniteLatentsError"),
     ("hetero.utils.manifest", "ManifestError"),
+    ("omegaconf.errors", "MissingMandatoryValue"),  # a required key (`???`) not given
 )
 
 
@@ -124,6 +125,9 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         if cause is None:
             raise
         message = user_message(cause)
+        key = getattr(cause, "full_key", None)
+        if type(cause).__name__ == "MissingMandatoryValue" and key:
+            message = f"{message.splitlines()[0]}: pass {key}=<value> on the command line"
         _log_to_files(message)
         print(f"\nError: {message}", file=sys.stderr)
         if removed:
