@@ -6,6 +6,8 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -135,3 +137,15 @@ def assert_ranks_agree(folder: Path, world_size: int = 2, rtol: float = 1e-6, at
             else:
                 assert torch.equal(other, value), f"{key}: rank {rank} differs from rank 0"
     return ref
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_autouse():
+    """One torch thread for the tests of a module that assigns this fixture to a name: runs of
+    many small matrix products, where on a loaded 2-core machine two threads spin-wait on each
+    other (DynaMight's CI recovery variant at load ~10: 762 s with two threads, 86 s with one);
+    an idle machine loses at most a factor 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

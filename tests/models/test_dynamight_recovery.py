@@ -23,19 +23,7 @@ import torch
 from scipy.stats import spearmanr
 
 from hetero.tasks.train import train
-from tests.helpers import compose_train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these runs are many small matrix products, and on a loaded 2-core
-    machine two threads spin-wait on each other (CI recovery variant at load ~10: 762 s with
-    two threads, 86 s with one); an idle machine loses at most a factor 2."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from tests.helpers import compose_train, one_torch_thread_autouse  # noqa: F401 (autouse fixture)
 
 AUC_MARGIN = 0.008
 #: Per-pixel MSE of normalised images (noise variance ~0.5 at this SNR).

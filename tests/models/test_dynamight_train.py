@@ -15,19 +15,7 @@ import torch
 from hetero.models.dynamight import DynaMight
 from hetero.models.dynamight.half import HalfSetVAE
 from hetero.tasks.train import train
-from tests.helpers import compose_train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these runs are many small matrix products, and on a loaded 2-core
-    machine two threads spin-wait on each other (CI recovery variant at load ~10: 762 s with
-    two threads, 86 s with one); an idle machine loses at most a factor 2."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from tests.helpers import compose_train, one_torch_thread_autouse  # noqa: F401 (autouse fixture)
 
 TINY_DYNAMIGHT = [
     "model=dynamight",
