@@ -75,23 +75,27 @@ class Regions:
 
     def weights(self, box_size: int, apix: float, device=None) -> Tensor:
         """``(R, D, D, D)`` blending weights on a ``D^3`` grid of ``apix`` Å (voxel ``[z, y, x]``
-        at ``((x, y, z) index - D // 2) * apix``): ``w_r ~ exp(-|x - c_r|^2 / 2 sigma^2)``
-        normalised to sum 1 in every voxel (a partition of unity)."""
+        at ``((x, y, z) index - D // 2) * apix``): ``w_r = softmax_r(-|x - c_r| / sigma)``, a
+        partition of unity (sum 1 in every voxel) whose transition between two regions is a
+        logistic of width ``~2 sigma`` whatever their distance (a softmax of squared distances
+        would make hard edges between distant centres, whose multiplication into the region
+        maps would add high-frequency structure common to both half maps)."""
         from hetero.models.dynamight.inverse import grid_points
 
         if self.n == 1:
             return torch.ones((1,) + (box_size,) * 3, device=device)
         x = grid_points(box_size, apix, device=device)
-        d2 = torch.cdist(x, self.centres.to(x)) ** 2  # (M, R)
-        w = torch.softmax(-d2 / (2 * self.sigma**2), dim=1)
+        d = torch.cdist(x, self.centres.to(x))  # (M, R)
+        w = torch.softmax(-d / self.sigma, dim=1)
         return w.T.reshape((self.n,) + (box_size,) * 3)
 
 
 def make_regions(points: Tensor, n_regions: int, sigma_angstrom: float | None = None, seed: int = 0) -> Regions:
     """``n_regions`` regions of the consensus points ``(N, 3)`` Å by k-means (scikit-learn).
 
-    :param sigma_angstrom: width of the blending weights; ``None``: half the median distance
-        from a region centre to its nearest other centre.
+    :param sigma_angstrom: edge width of the blending weights (:meth:`Regions.weights`);
+        ``None``: a quarter of the median distance from a region centre to its nearest other
+        centre.
     :raises ValueError: fewer points than ``3 x n_regions`` (each region needs 3 points for a
         rotation).
     """
@@ -108,7 +112,7 @@ def make_regions(points: Tensor, n_regions: int, sigma_angstrom: float | None = 
     centres = torch.as_tensor(km.cluster_centers_).float()
     if sigma_angstrom is None:
         dist = torch.cdist(centres, centres) + torch.eye(r) * 1e30
-        sigma_angstrom = 0.5 * float(dist.min(1).values.median())
+        sigma_angstrom = 0.25 * float(dist.min(1).values.median())
     return Regions(centres, torch.as_tensor(km.labels_, dtype=torch.long), float(sigma_angstrom))
 
 
@@ -230,7 +234,7 @@ def half_map_ssnr(curve: Tensor) -> Tensor:
 
 
 def reconstruct_half_maps(
-    halves: list[DeformedBackprojection], weights: Tensor, wiener_snr: float = 1.0
+    halves: list[DeformedBackprojection], weights: Tensor | list[Tensor], wiener_snr: float = 1.0
 ) -> dict:
     """Half maps regularised with the per-shell ``tau^2`` of their own FSC.
 
@@ -239,14 +243,17 @@ def reconstruct_half_maps(
     3. each half's region maps again with that prior (``weight + mean_w / SSNR`` per shell,
        RELION), blended.
 
-    :param halves: the two halves' sums. :param weights: ``(R, D, D, D)`` partition of unity.
+    :param halves: the two halves' sums. :param weights: ``(R, D, D, D)`` partition of unity,
+        or one per half set (each half set's own regions).
     :return: ``{"half1", "half2": (D, D, D) float32 CPU, "fsc_prior": (D // 2 + 1,) the FSC of
         step 1, "ssnr": its SSNR}``.
     """
-    first = [blend(h.region_maps(wiener_snr), weights) for h in halves]
+    if isinstance(weights, Tensor):
+        weights = [weights] * len(halves)
+    first = [blend(h.region_maps(wiener_snr), w) for h, w in zip(halves, weights)]
     curve = fsc(first[0], first[1])
     ssnr = half_map_ssnr(curve)
-    maps = [blend(h.region_maps(data_vs_prior=ssnr), weights).cpu() for h in halves]
+    maps = [blend(h.region_maps(data_vs_prior=ssnr), w).cpu() for h, w in zip(halves, weights)]
     return {"half1": maps[0], "half2": maps[1], "fsc_prior": curve.cpu(), "ssnr": ssnr.cpu()}
 
 
