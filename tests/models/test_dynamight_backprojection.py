@@ -145,3 +145,24 @@ def test_deformed_backprojection_undoes_a_hinge_motion():
     hi = slice(6, 14)
     assert float(f_def[hi].mean()) > float(f_rig[hi].mean()) + 0.1, (f_def, f_rig)
     assert float(f_def[hi].mean()) > 0.9, f_def
+
+
+def test_two_processes_give_the_maps_of_one(tmp_path):
+    """Under torch.distributed (2 gloo processes) each rank accumulates every other batch and the
+    sums are all-reduced: the same half maps as one process."""
+    import numpy as np
+
+    from tests.models.dynamight_dist_worker import backproject_on_rank, deformed_maps
+
+    n, d = 40, 12
+    gen = torch.Generator().manual_seed(3)
+    images, rot = torch.randn(n, d, d, generator=gen), random_rotations(n, generator=gen).float()
+    half = np.arange(n) % 2
+    single, count = deformed_maps(images, rot, half)
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(backproject_on_rank, nprocs=2, join=True,
+                                args=(2, f"file://{tmp_path / 'rendezvous'}", str(out), images, rot, half))
+    multi = torch.load(out, weights_only=True)
+    assert multi["count"] == count == 20
+    for k in ("half1", "half2"):
+        assert torch.allclose(multi[k], single[k], atol=1e-5 * float(single[k].abs().max()))

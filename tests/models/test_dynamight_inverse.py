@@ -34,7 +34,7 @@ def forward_run(tmp_path_factory):
 def test_learned_and_iterative_inverses_agree(forward_run, tmp_path):
     cfg = compose_train(tmp_path, ["model=dynamight_inverse", f"model.forward_run={forward_run}",
                                    *(o for o in TINY_DYNAMIGHT if o.startswith("data.")),
-                                   "trainer.max_epochs=15", "model.lr=2e-3", "predict=false"])
+                                   "trainer.max_epochs=15", "model.lr=2e-3", "predict=true"])
     _, objects = train(cfg)
     model = objects["model"].eval()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -56,3 +56,10 @@ def test_learned_and_iterative_inverses_agree(forward_run, tmp_path):
     model.inverse_kind = "iterative"
     y = rest + model.displacement_field(z, rest[0], 1)
     torch.testing.assert_close(model.inverse(z, y, 1), rest, atol=1e-3, rtol=0)
+    # analysis of the inverse run: its learned inverse's consistency next to the iterative one's
+    from tests.models.test_dynamight_backprojection_trained import analyze_backprojection
+
+    metrics = analyze_backprojection(tmp_path, ["backprojection.regions=2", "backprojection.pad_factor=1"])
+    ic = metrics["inverse_consistency"]["half2"]
+    assert ic["grid_max"] < 1e-3 and ic["learned"]["learned_vs_iterative"] < 0.5 * ic["deformation_rms"]
+    assert (tmp_path / "analysis" / "dynamight" / "backprojection" / "map_half1.mrc").is_file()

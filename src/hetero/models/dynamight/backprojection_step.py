@@ -192,7 +192,9 @@ def deformed_backprojection(ctx) -> None:
 def inverse_consistency_metrics(model, deformers, regions, box, apix, bc) -> dict:
     """``||Gamma(Gamma^-1(y)) - y||`` (Å) of the iterative inverse for a sample of particles of
     each half set, over a grid inside the consensus' bounding sphere and over the deformed
-    Gaussians (where ``Gamma^-1(Gamma(c)) = c``), and the local rigid fits' RMS error (Å)."""
+    Gaussians (where ``Gamma^-1(Gamma(c)) = c``), and the local rigid fits' RMS error (Å); for a
+    ``model=dynamight_inverse`` run also its learned inverse's (``"learned"``: consensus, grid,
+    and its distance to the iterative inverse)."""
     from hetero.models.dynamight.inverse import consensus_consistency, grid_points, half_set_field
     from hetero.models.dynamight.inverse import inverse_consistency, iterative_inverse
 
@@ -222,6 +224,10 @@ def inverse_consistency_metrics(model, deformers, regions, box, apix, bc) -> dic
             "consensus_mean": float(c_err.mean()), "consensus_max": float(c_err.max()),
             "local_rigid_rms": float(rigid_err.pow(2).mean().sqrt()),
             "deformation_rms": float((deformed - d.rest).norm(dim=-1).pow(2).mean().sqrt())}
+        if hasattr(model, "consistency"):  # a model=dynamight_inverse run: its learned inverse too
+            with torch.no_grad():
+                learned = model.consistency(z, h)
+            out[f"half{h + 1}"]["learned"] = {k: float(v) for k, v in learned.items()}
     return out
 
 
