@@ -18,8 +18,8 @@ from tests.helpers import CONF_DIR, compose_train, one_torch_thread_autouse  # n
 BASE = [
     "model=dynamight_cpu",
     "data.particles.kind=continuous",
-    "data.particles.box_size=32",
-    "data.particles.pixel_size_angstrom=5.0",
+    "data.particles.box_size=64",
+    "data.particles.pixel_size_angstrom=2.5",
     "data.particles.snr=1.0",
     "data.box_size=32",
     "data.batch_size=64",
