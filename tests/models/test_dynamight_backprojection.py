@@ -21,8 +21,8 @@ from hetero.models.dynamight.inverse import (
     iterative_inverse,
 )
 from hetero.physics.fsc import fsc
-from hetero.physics.reconstruction import BackprojectionAccumulator
 from hetero.physics.gaussians import project_gaussians, rasterize_gaussians
+from hetero.physics.reconstruction import BackprojectionAccumulator
 from hetero.physics.rotations import random_rotations
 from tests.helpers import one_torch_thread_autouse  # noqa: F401 (autouse fixture)
 

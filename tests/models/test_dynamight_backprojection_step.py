@@ -59,7 +59,7 @@ def _cfg(**kw):
           "device": "cpu", "batch_size": 64, "pad_factor": 2, "precision": "float32", "wiener_snr": 1.0,
           "preweight_iterations": 10, "max_memory_gb": 8, "consistency_particles": 8,
           "inverse_iterations": 50, "inverse_tol_angstrom": 1e-4,
-          "mask": {"threshold": 0.1, "extend_angstrom": 5.0, "soft_edge_angstrom": 10.0}}
+          "mask": {"threshold": 0.02, "extend_angstrom": 10.0, "soft_edge_angstrom": 20.0}}
     bp.update(kw)
     return OmegaConf.create({"seed": 0, "backprojection": bp})
 

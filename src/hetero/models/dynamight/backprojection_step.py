@@ -195,8 +195,13 @@ def inverse_consistency_metrics(model, deformers, regions, box, apix, bc) -> dic
     Gaussians (where ``Gamma^-1(Gamma(c)) = c``), and the local rigid fits' RMS error (Å); for a
     ``model=dynamight_inverse`` run also its learned inverse's (``"learned"``: consensus, grid,
     and its distance to the iterative inverse)."""
-    from hetero.models.dynamight.inverse import consensus_consistency, grid_points, half_set_field
-    from hetero.models.dynamight.inverse import inverse_consistency, iterative_inverse
+    from hetero.models.dynamight.inverse import (
+        consensus_consistency,
+        grid_points,
+        half_set_field,
+        inverse_consistency,
+        iterative_inverse,
+    )
 
     n = int(bc.get("consistency_particles", 32))
     rng = np.random.default_rng(0)
@@ -210,7 +215,9 @@ def inverse_consistency_metrics(model, deformers, regions, box, apix, bc) -> dic
         grid = grid[grid.norm(dim=-1) <= radius]
         iters, tol = int(bc.get("inverse_iterations", 50)), float(bc.get("inverse_tol_angstrom", 1e-3))
         with torch.no_grad():
-            inv = lambda y: iterative_inverse(field, y, iters, tol)[0]  # noqa: E731
+            def inv(y, field=field, iters=iters, tol=tol):
+                return iterative_inverse(field, y, iters, tol)[0]
+
             g_err = inverse_consistency(field, inv, grid.expand(len(pick), -1, -1))
             c_err = consensus_consistency(field, inv, d.rest.expand(len(pick), -1, -1))
             deformed = d(pick)
