@@ -287,3 +287,6 @@ def _report(ctx, res, metrics, consistency, fig) -> None:
          for h, c in consistency.items()],
         ["half set", "||G(G^-1(y)) - y|| grid mean (Å)", "grid max (Å)", "||G^-1(G(c)) - c|| mean (Å)",
          "local rigid fit RMS (Å)", "deformation RMS (Å)"]))
+
+
+deformed_backprojection.options = "backprojection"  # its block in conf/analyze.yaml
