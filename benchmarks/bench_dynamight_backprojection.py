@@ -17,15 +17,12 @@ Example usage (CPU, about 1 min at box 128 and 4 min at box 256 on 2 quiet cores
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import record_run
 
 from hetero.models.dynamight.backprojection import (
     DeformedBackprojection,
@@ -115,14 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = measure(args.box, args.batch, args.regions, args.pad, args.gaussians, args.repeats, args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    record = {"date": str(date.today()), "commit": commit, "threads": args.threads,
-              "machine": machine(), **result}
-    print(json.dumps(record, indent=1))
-    if args.out is not None:
-        runs = json.loads(args.out.read_text()) if args.out.is_file() else []
-        args.out.write_text(json.dumps([*runs, record], indent=1) + "\n")
+    record_run(result, args.threads, args.out)
 
 
 if __name__ == "__main__":
