@@ -34,7 +34,9 @@ from torch import Tensor
 from hetero.models.class3d.backprojection import InsertionData, scatter
 from hetero.physics.reconstruction import BackprojectionAccumulator
 
-#: Per-replicate sums and their trailing shape: ``K`` classes, ``shells``, or a scalar.
+#: Per-replicate sums and their trailing shape: ``K`` classes, ``shells``, or a scalar;
+#: ``views``: posterior-weighted sums of the 6 entries of ``d d^T`` of the projection
+#: directions per class (``K6``), ``views_all`` the same over all particles (:mod:`.diagnostics`).
 SCALARS = {
     "class_weight": "K",
     "residual": "shells",
@@ -44,6 +46,8 @@ SCALARS = {
     "pmax": "",
     "changes": "",
     "power": "shells",
+    "views": "K6",
+    "views_all": "6",
 }
 
 
@@ -83,7 +87,7 @@ class IterationStatistics:
 
         self.numerator, self.weight = grids(2 * u * k)              # grid 2 c + h: class c, half h
         self.consensus_numerator, self.consensus_weight = grids(2 * u if consensus else 0)
-        sizes = {"K": (k,), "shells": (n_shells,), "": ()}
+        sizes = {"K": (k,), "shells": (n_shells,), "": (), "K6": (k, 6), "6": (6,)}
         self.sums = {
             name: torch.zeros((u, *sizes[kind]), dtype=torch.float64, device=device)
             for name, kind in SCALARS.items()
