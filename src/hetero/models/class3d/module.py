@@ -53,7 +53,11 @@ from hetero.models.class3d.history import HISTORY, history_shapes, iteration_rec
 from hetero.models.class3d.iteration import Settings, initial_references, update_references
 from hetero.models.class3d.membership import build_membership, random_classes
 from hetero.models.class3d.points import HalfPlanePoints
-from hetero.models.class3d.statistics import IterationStatistics
+from hetero.models.class3d.statistics import (
+    IterationStatistics,
+    check_each_particle_once,
+    merged_assignments,
+)
 from hetero.models.class3d.volumes import SolventMask
 from hetero.models.components.renderer import has_ctf
 from hetero.physics.ctf import ctf_table_compute
@@ -306,8 +310,8 @@ class Class3D(HeteroModel):
         last = (self.current_epoch + 1 >= trainer.max_epochs if trainer is not None and trainer.max_epochs is not None
                 else it + 1 >= self.n_iterations)
         stats.all_reduce()
-        self._check_each_particle_once()
-        self._merge_assignments()
+        check_each_particle_once(self._seen, getattr(getattr(self._trainer, "datamodule", None), "sampler", "?"))
+        self.assignment.copy_(merged_assignments(self._new_assignment, self.assignment))
         npix = self.points.npix.to(self.device)
         if it == 0:
             refs = initial_references(stats, self.cfg, self.solvent, self.points.shell, npix)
@@ -325,26 +329,6 @@ class Class3D(HeteroModel):
         self._stats = None
         for message in refs.messages:
             log.info(message)
-
-    def _check_each_particle_once(self) -> None:
-        """EM sums must count every particle once: refuse an epoch that repeated some (a sampler
-        padding DDP shards, e.g. data/sampler=random with trainer.devices > 1)."""
-        seen = self._seen
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(seen)
-        if bool((seen > 1).any()):
-            raise RuntimeError(
-                f"class3d: {int((seen > 1).sum())} particles were read more than once in one epoch "
-                f"(data.sampler={getattr(getattr(self._trainer, 'datamodule', None), 'sampler', '?')} pads DDP shards by "
-                "repeating batches), which would count them twice in the EM sums: use "
-                "data/sampler=sequential (the default of model=class3d)"
-            )
-
-    def _merge_assignments(self) -> None:
-        new = self._new_assignment
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(new, op=torch.distributed.ReduceOp.MAX)
-        self.assignment.copy_(torch.where(new >= 0, new, self.assignment))
 
     def _record(self, stats: IterationStatistics, refs, it: int, last: bool) -> None:
         """Append this iteration to the history buffers, prepare the epoch's log values and,

@@ -158,3 +158,28 @@ class IterationStatistics:
         for t in (self.weight, self.consensus_weight):
             if t.numel():
                 dist.all_reduce(t)
+
+
+def check_each_particle_once(seen: Tensor, sampler: str = "?") -> None:
+    """EM sums must count every particle once: refuse an epoch that repeated some (a sampler
+    padding DDP shards, e.g. data/sampler=random with trainer.devices > 1).
+
+    :param seen: ``(N,)`` int32 times each particle was read by this rank (summed over ranks here).
+    :raises RuntimeError: naming the sampler and what to use instead.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(seen)
+    if bool((seen > 1).any()):
+        raise RuntimeError(
+            f"class3d: {int((seen > 1).sum())} particles were read more than once in one epoch "
+            f"(data.sampler={sampler} pads DDP shards by repeating batches), which would count them "
+            "twice in the EM sums: use data/sampler=sequential (the default of model=class3d)"
+        )
+
+
+def merged_assignments(new: Tensor, old: Tensor) -> Tensor:
+    """The best class of every (particle, replicate) after an E-step: ``new`` (``-1`` where this
+    rank did not see the pair; maximum over ranks) where set, else ``old``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(new, op=dist.ReduceOp.MAX)
+    return torch.where(new >= 0, new, old)
