@@ -15,7 +15,12 @@ import torch
 from hydra.utils import instantiate
 from sklearn.metrics import adjusted_rand_score
 
-from hetero.models.class3d.diagnostics import class_diagnostics, class_similarity, view_bias, view_tensor_entries
+from hetero.models.class3d.diagnostics import (
+    class_diagnostics,
+    class_similarity,
+    view_bias,
+    view_tensor_entries,
+)
 from hetero.physics.rotations import euler_to_matrix
 from tests.helpers import compose_train
 
