@@ -67,6 +67,27 @@ def test_straight_double_well_path_and_fixed_endpoints():
     np.testing.assert_array_equal(fixed.path[[0, -1]], [[-1.2, 0.5], [1.2, 0.4]])
 
 
+def test_string_hopping_in_place_on_a_linear_landscape_stops_early():
+    """A linear interpolant's piecewise-constant gradient keeps the images hopping between
+    pieces forever (tol never reached): the run stops once a window of steps brings no net
+    motion, with the string the full run ends with."""
+    fn = lambda p: (p[:, 0] ** 2 - 1) ** 2 + 2 * p[:, 1] ** 2  # noqa: E731
+    land = _grid_landscape(fn, method="linear")
+    args = dict(n_images=30, step=0.1, tol=1e-7, max_steps=20000)
+    full = string_method(land, (-1.2, 0.5), (1.2, 0.4), stationary_window=None, **args)
+    early = string_method(land, (-1.2, 0.5), (1.2, 0.4), **args)
+    assert not full.converged and full.n_steps == 20000 and not full.stationary
+    assert early.stationary and not early.converged and early.n_steps <= 5000
+    assert early.window_drift <= 10 * early.final_change
+    # the same valley as the full run, to within the hops (~one 0.1 grid spacing)
+    assert np.abs(early.path - full.path).max() < 0.1
+    assert np.abs(early.path[:, 1]).max() < 0.05
+    np.testing.assert_allclose(np.abs(early.path[[0, -1], 0]), 1.0, atol=0.05)
+    # a converging string (cubic) is not stopped by the window
+    cubic = string_method(_grid_landscape(fn), (-1.2, 0.5), (1.2, 0.4), **args)
+    assert cubic.converged and not cubic.stationary
+
+
 def test_analytic_and_central_gradients_agree():
     land = _grid_landscape(_ring)
     a = string_method(land, (0.3, 1.1), (0.3, -1.1), n_images=60, step=0.05, max_steps=300)

@@ -42,6 +42,10 @@ class StringResult:
     :param converged: whether the change fell to ``tol`` before ``max_steps``.
     :param hull_corrections: image positions moved back inside the convex hull.
     :param final_change: the last mean change per image.
+    :param stationary: stopped because the string only oscillated in place (see
+        ``stationary_window`` of :func:`string_method`), not because the change fell to ``tol``.
+    :param window_drift: the mean change per image over the last full window (``nan`` before
+        one).
     """
 
     path: np.ndarray
@@ -50,6 +54,8 @@ class StringResult:
     converged: bool
     hull_corrections: int
     final_change: float
+    stationary: bool = False
+    window_drift: float = float("nan")
 
     @property
     def length(self) -> float:
@@ -178,6 +184,7 @@ def string_method(
     fd_step: float = 1e-5,
     fix_endpoints: bool = False,
     initial_path: np.ndarray | None = None,
+    stationary_window: int | None = 1000,
 ) -> StringResult:
     """Zero-temperature string method on ``landscape`` from ``start`` to ``end``.
 
@@ -192,6 +199,12 @@ def string_method(
         (central differences of the interpolant with ``fd_step``, as the reference).
     :param fix_endpoints: keep the endpoints fixed (reference: they move).
     :param initial_path: ``(P, 2)`` start from this polyline instead of the straight line.
+    :param stationary_window: every this many steps compare the string with the one a window
+        ago; when it moved by at most 10 single steps' worth over the window it only hops back
+        and forth (a linear interpolant's piecewise-constant gradient, an image pressed against
+        the hull) and will never reach ``tol``: stop with ``stationary=True`` instead of running
+        to ``max_steps``. A string still converging moves ~window steps' worth and is not
+        stopped. ``None``: the reference's loop (``tol`` or ``max_steps`` only).
     :return: :class:`StringResult`.
     :raises ValueError: unknown ``gradient``, ``n_images < 2`` or non-positive ``step``.
     """
@@ -211,6 +224,7 @@ def string_method(
     grid = np.linspace(0.0, 1.0, n)
     arc = np.zeros(n)
     corrections, steps, change, converged = 0, 0, np.inf, False
+    stationary, drift, snapshot = False, float("nan"), q.copy()
     while steps < max_steps:
         g = cache.gradient(q)
         if fix_endpoints:
@@ -241,6 +255,13 @@ def string_method(
         if change <= tol:
             converged = True
             break
+        if stationary_window and steps % int(stationary_window) == 0:
+            d = q - snapshot
+            drift = (math.sqrt(d[0] @ d[0]) + math.sqrt(d[1] @ d[1])) / n
+            if drift <= 10.0 * change:
+                stationary = True
+                break
+            snapshot = q.copy()
     path = np.ascontiguousarray(q.T)
     return StringResult(
         path=path,
@@ -249,6 +270,8 @@ def string_method(
         converged=converged,
         hull_corrections=corrections,
         final_change=float(change),
+        stationary=stationary,
+        window_drift=float(drift),
     )
 
 

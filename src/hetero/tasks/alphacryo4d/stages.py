@@ -193,15 +193,22 @@ def path(ctx):
             raise ValueError(f"alphacryo4d.path.init must be graph or straight, got {p.init!r}")
         initial = graph_path(land, start, end) if p.init == "graph" else None
         res = string_method(land, start, end, int(p.n_images), float(p.step), float(p.tol), int(p.max_steps),
-                            str(p.gradient), float(p.fd_step), bool(p.fix_endpoints), initial)
-        if not res.converged:
+                            str(p.gradient), float(p.fd_step), bool(p.fix_endpoints), initial,
+                            p.get("stationary_window"))
+        if res.stationary:
+            log.info(f"string method: stationary after {res.n_steps} steps (the images hop in place by "
+                     f"{res.final_change:.2e} per step, net {res.window_drift:.2e} over the last "
+                     f"{p.stationary_window} steps; tol {p.tol} is out of reach, e.g. on a linear "
+                     "interpolant); using this string")
+        elif not res.converged:
             log.warning(f"string method: not converged after {res.n_steps} steps (change {res.final_change:.2e} > "
                         f"tol {p.tol}); using the last string")
         if res.hull_corrections:
             log.info(f"string method: {res.hull_corrections} image positions moved back inside the convex hull")
         write_npy(paths["path"], res.path)
         summary.update(start=np.asarray(start, float).round(3).tolist(), end=np.asarray(end, float).round(3).tolist(),
-                       n_steps=res.n_steps, converged=res.converged, hull_corrections=res.hull_corrections,
+                       n_steps=res.n_steps, converged=res.converged, stationary=res.stationary,
+                       hull_corrections=res.hull_corrections,
                        length=round(res.length, 3), max_energy=float(np.nanmax(res.energies)))
     elif paths["path"].exists():
         paths["path"].unlink()
