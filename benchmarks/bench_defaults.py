@@ -113,7 +113,7 @@ def markdown(rows: list[dict]) -> str:
         setting = r["setting"] + (" (diverged)" if r.get("diverged") else "")
         lines.append(f"| {r['set']} | {setting} | {_fmt(r['ari'])} | {_fmt(r['ami'])} | "
                      f"{_fmt(r['per_state_auc_mean'])} | {_fmt(r['per_state_res_0.5_mean'], 1)} | "
-                     f"{_fmt(r['val_loss'], 4)} | {_fmt(r['train_seconds'], 0)} |")
+                     f"{_fmt(r.get('val_loss'), 4)} | {_fmt(r.get('train_seconds'), 0)} |")
     return "\n".join(lines)
 
 
