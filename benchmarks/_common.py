@@ -43,6 +43,24 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def record_run(result: dict, threads: int, out: Path | None) -> dict:
+    """``result`` with date, commit, threads and machine; printed as JSON and, with ``out``,
+    appended to the JSON list in that file."""
+    import json
+    from datetime import date
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    record = {"date": str(date.today()), "commit": commit, "threads": threads,
+              "machine": machine(), **result}
+    print(json.dumps(record, indent=1))
+    if out is not None:
+        runs = json.loads(out.read_text()) if out.is_file() else []
+        out.write_text(json.dumps([*runs, record], indent=1) + "\n")
+    return record
+
+
 def repeated_table(table, paths: list[str], per_stack: int, n: int):
     """An ``n``-particle ``ParticleTable`` over ``paths`` (``per_stack`` images each) whose
     metadata repeats ``table``'s rows (``table`` has ``per_stack`` rows)."""

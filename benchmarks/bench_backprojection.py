@@ -13,15 +13,12 @@ Example usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import record_run
 
 from hetero.physics.ctf import compute_ctf
 from hetero.physics.reconstruction import BackprojectionAccumulator
@@ -70,14 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.float32 else torch.float64
     result = measure(args.box, args.batch, args.pad, args.repeats, dtype)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    record = {"date": str(date.today()), "commit": commit, "threads": args.threads,
-              "machine": machine(), **result}
-    print(json.dumps(record, indent=1))
-    if args.out is not None:
-        runs = json.loads(args.out.read_text()) if args.out.is_file() else []
-        args.out.write_text(json.dumps([*runs, record], indent=1) + "\n")
+    record_run(result, args.threads, args.out)
 
 
 if __name__ == "__main__":

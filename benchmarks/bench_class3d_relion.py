@@ -5,7 +5,7 @@ For one built-in synthetic dataset (kind, states, SNR, particles, box) this runs
 give them):
 
 * ``hetero``: ``train.py model=class3d`` (K classes, N iterations, T, 10 Å E-step limit, 60 Å
-  initial low-pass, consensus init) with the inference pass; labels = argmax class;
+  initial low-pass, ``--init``: random_subsets, the default, or consensus) with the inference pass; labels = argmax class;
 * ``relion``: ``relion_reconstruct --ctf`` (the consensus reference), then ``relion_refine
   --skip_align`` with the same K, N, T, ``--ini_high 60 --strict_highres_exp 10
   --particle_diameter`` (hetero's default mask), ``--flatten_solvent --zero_mask --ctf --pad 2``;
@@ -56,7 +56,7 @@ def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
     seconds, peak = run_measured(cmd, workdir / "hetero-train.log", cwd=REPO)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     labels = np.load(run_dir / manifest["parts"]["latents"]["path"] / "class_number.npy")
-    name = "hetero class3d" if a.init == "consensus" else f"hetero class3d (init={a.init})"
+    name = f"hetero class3d (init={a.init})"
     return {"method": name, "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
             "peak_rss_mb": round(peak), **scores(truth, labels)}
 
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--tau2", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--init", default="consensus", choices=["consensus", "random_subsets"],
+    p.add_argument("--init", default="random_subsets", choices=["consensus", "random_subsets"],
                    help="hetero's model.init (random_subsets: RELION's random seeds from one --ref)")
     p.add_argument("--methods", nargs="+", default=["hetero", "relion"])
     p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")

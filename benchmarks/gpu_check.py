@@ -8,7 +8,8 @@ For every model config in ``MODELS`` that exists in ``conf/model/``:
    ``train.py`` with the :class:`hetero.callbacks.throughput.Throughput` callback: images/s over
    the timed training batches and the peak CUDA memory.
 
-Then the analysis on CUDA (one epoch of OPUS-DSD at box 64 with ``predict=true``, then
+Then DynaMight's deformed backprojection (``bench_dynamight_backprojection.py``, box 128 and
+256, 8 regions), the analysis on CUDA (one epoch of OPUS-DSD at box 64 with ``predict=true``, then
 ``analyze.py`` with the decoder, the inference pass and the reconstructions of every cluster
 from its particles on the GPU) and the particle loader (``bench_dataloader.py``, 1 GB of box-128
 stacks, warm cache).
@@ -123,6 +124,10 @@ def run_checks(args) -> dict:
         results["analysis"] = run_analysis_check(args, work, device)
         print("analysis", json.dumps(results["analysis"]), flush=True)
         _save(results, args)
+    if "dynamight" in available:
+        results["dynamight_backprojection"] = run_backprojection_check(args, work)
+        print("dynamight_backprojection", json.dumps(results["dynamight_backprojection"]), flush=True)
+        _save(results, args)
     if not args.skip_loader:
         out = work / "loader.json"
         cmd = [sys.executable, str(REPO / "benchmarks" / "bench_dataloader.py"), "--box", "128",
@@ -169,6 +174,30 @@ def run_analysis_check(args, work: Path, device: list[str]) -> dict:
     return entry
 
 
+def run_backprojection_check(args, work: Path) -> list[dict]:
+    """DynaMight's deformed backprojection (``bench_dynamight_backprojection.py``) on ``cuda``:
+    images/s deformed (8 regions) and rigid, and the time of a half map, at box 128 and 256
+    (box 32 on the CPU for a dry run)."""
+    runs = [["--box", "32", "--regions", "2", "--gaussians", "500", "--batch", "8", "--device", "cpu"]] \
+        if args.dry_run else [["--box", str(b), "--regions", "8", "--batch", "64", "--device", "cuda"]
+                              for b in (128, 256)]
+    out = []
+    for extra in runs:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "bench_dynamight_backprojection.py"), *extra]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, timeout=args.step_timeout, capture_output=True, text=True)
+            if proc.returncode != 0:
+                out.append({"args": extra, "exit": proc.returncode, "error": proc.stderr[-300:]})
+                continue
+            record = json.loads(proc.stdout[proc.stdout.index("{"):])
+            out.append({k: record[k] for k in ("box", "regions", "device", "deformed_images_per_second",
+                                                "rigid_images_per_second", "half_map_seconds") if k in record}
+                       | {"peak_memory_mib": record.get("peak_memory_mib")})
+        except (subprocess.SubprocessError, OSError, ValueError) as err:
+            out.append({"args": extra, "error": f"{type(err).__name__}: {err}"})
+    return out
+
+
 def _save(results: dict, args) -> None:
     from hetero.utils.files import write_json
 
@@ -198,6 +227,10 @@ def markdown(results: dict) -> str:
     if analysis:
         lines += ["", f"Analysis on the GPU (OPUS-DSD 1 epoch, then analyze.py with maps.device=cuda): "
                       f"`{json.dumps(analysis)[:400]}`"]
+    bp = results.get("dynamight_backprojection")
+    if bp:
+        lines += ["", f"DynaMight deformed backprojection (images/s deformed / rigid, s per half map): "
+                      f"`{json.dumps(bp)[:500]}`"]
     loader = results.get("loader") or {}
     if "error" not in loader and loader:
         lines += ["", f"Loader: `{json.dumps(loader)[:300]}`"]

@@ -60,6 +60,11 @@ def test_model_configs_instantiate(tmp_path, option):
     """Each model config builds at the data's geometry and renders a batch at that box; the
     latent size is the config's."""
     cfg = compose_train(tmp_path, [f"model={option}"])
+    from omegaconf import OmegaConf
+
+    required = [k for k in cfg.model if OmegaConf.is_missing(cfg.model, k)]
+    if required:  # e.g. dynamight_inverse's model.forward_run: built in its own tests
+        pytest.skip(f"model={option} needs {required} (a trained run); tested in its own module")
     model = hydra.utils.instantiate(cfg.model, **INFO)
     if cfg.task != "hetero.tasks.train.train":
         # a method run as its own task (AlphaCryo4D's stages): its task resolves and its

@@ -114,6 +114,20 @@ def test_analyze_rejects_too_many_clusters(tmp_path):
         analyze(cfg)
 
 
+def test_analyze_refuses_an_option_no_step_of_the_run_reads(tmp_path):
+    """DynaMight's backprojection block switched on for another method's run (or for a run whose
+    manifest predates the step) is refused before any output is written, not ignored."""
+    run, _ = make_run_dir(tmp_path, n_per_state=2)
+    cfg = compose_analyze([f"run_dir={run}", "backprojection.enabled=true", f"output_dir={tmp_path / 'a'}"])
+    with pytest.raises(ValueError, match=r"backprojection.enabled=true: no analysis step of this run"):
+        analyze(cfg)
+    assert not (tmp_path / "a").exists()
+    step = "hetero.models.dynamight.backprojection_step.deformed_backprojection"
+    from hetero.analysis.steps import resolve_step, unclaimed_options
+
+    assert unclaimed_options(cfg, [resolve_step(step)]) == []
+
+
 def test_analyze_homogeneous_run(tmp_path):
     """Embedding dimension 0: the consensus map, decoded and reconstructed, scored against every true state."""
     from hetero.analysis.latents import CheckpointId, write_latents

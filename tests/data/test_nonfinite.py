@@ -18,7 +18,7 @@ from hetero.data.datamodule import ParticleDataModule
 from hetero.data.io.errors import InputError
 from hetero.data.io.star import write_star
 from hetero.utils.errors import user_message
-from tests.data.test_dataset import N, N_PER_STACK, make_star
+from tests.data.test_dataset import N_PER_STACK, N, make_star
 
 pytestmark = pytest.mark.filterwarnings("ignore:Data array contains")
 
@@ -128,7 +128,7 @@ def test_check_command_lists_damaged_images_missing_stacks_and_boxes(damaged, tm
     out = tmp_path / "bad.csv"
     assert check.main([str(star), "--csv", str(out)]) == 1
     text = capsys.readouterr().out
-    for name, row in rows.items():
+    for row in rows.values():
         assert f"particle row {row + 1}: image {_where(row)[0].split('@')[0]}@" in text
     assert "3 with NaN/inf" in text
     assert [b.row for b in check.read_bad_csv(out)] == sorted(rows.values())

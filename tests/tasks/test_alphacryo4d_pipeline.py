@@ -164,9 +164,8 @@ def test_analyze_reconstructs_each_voted_state_and_plays_the_path(pipeline_run):
     voted states are reconstructed from their particles with half maps and FSC, the method step
     draws the volume landscape and writes the path series, and the voted states score
     against the truth."""
-    from tests.analysis.test_analyze_task import compose_analyze
-
     from hetero.tasks.analyze import analyze
+    from tests.analysis.test_analyze_task import compose_analyze
 
     cfg, metrics, objects, truth, dm, run_dir, _ = pipeline_run
     out = run_dir / "analysis_test"

@@ -30,7 +30,7 @@ KEY = "hetero_random_state"
 def get_random_state() -> dict[str, torch.Tensor]:
     """This process' generator states as tensors (see module docstring)."""
     version, py_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global generator Lightning code may use)
     state = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -49,7 +49,7 @@ def set_random_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
     pos, has_gauss = (int(v) for v in state["numpy_ints"].tolist())
-    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))  # noqa: NPY002
     gauss = float(state["python_gauss"][0])
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if np.isnan(gauss) else gauss))
     if "cuda" in state and torch.cuda.is_available():

@@ -47,9 +47,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hetero.data.dataset import ParticleDataset, collate_particles, estimate_normalization
-from hetero.data.loader import ResumableDataLoader
 from hetero.data.io.errors import InputError
 from hetero.data.io.readers import read_particles
+from hetero.data.loader import ResumableDataLoader
 from hetero.data.particles import ParticleTable
 from hetero.data.resample import resample_plan
 from hetero.data.samplers import (

@@ -57,7 +57,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     from hetero.analysis.context import AnalysisContext
     from hetero.analysis.result import load_result, validate_result
     from hetero.analysis.rundir import RunDir
-    from hetero.analysis.steps import resolve_step
+    from hetero.analysis.steps import resolve_step, unclaimed_options
     from hetero.utils.files import write_text
 
     start = time.perf_counter()
@@ -68,6 +68,15 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     steps = [resolve_step(s) for s in cfg.steps] + [
         resolve_step(s) for s in run.manifest["analysis_steps"]
     ]
+    unused = unclaimed_options(cfg, steps)
+    if unused:
+        raise ValueError(
+            f"{', '.join(k + '.enabled=true' for k in unused)}: no analysis step of this run "
+            f"({run.path}, method {run.manifest['method']}, steps from its manifest.json: "
+            f"{run.manifest['analysis_steps'] or 'none'}) reads that block. It belongs to another "
+            "method's step, or to a step added after this run was trained: then list that step "
+            "in steps=[...] (a dotted path), or leave the option off."
+        )
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -22,7 +22,9 @@ any function with the same signature); a run manifest's ``analysis_steps`` follo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+from omegaconf import DictConfig
 
 SHARED_STEPS = {
     "embedding": "hetero.analysis.steps.embedding.embedding",
@@ -35,6 +37,25 @@ SHARED_STEPS = {
     "subsets": "hetero.analysis.steps.subsets.subsets",
     "report": "hetero.analysis.steps.report.report",
 }
+
+
+# The ``enabled`` blocks of conf/analyze.yaml that the shared steps read. A method step that
+# reads a block of its own says so with an ``options`` attribute (``step.options = "name"``), so
+# that ``analyze`` can refuse a block switched on for a run none of whose steps reads it.
+SHARED_OPTIONS = ("umap", "landscape", "subsets", "maps", "reconstruction", "ground_truth")
+
+
+def unclaimed_options(cfg, steps: list[Callable]) -> list[str]:
+    """Top-level blocks of ``cfg`` with ``enabled: true`` that neither a shared step
+    (:data:`SHARED_OPTIONS`) nor one of ``steps`` (their ``options`` attribute) reads."""
+    claimed = set(SHARED_OPTIONS) | {getattr(s, "options", None) for s in steps}
+    return [
+        str(key)
+        for key, block in cfg.items()
+        if isinstance(block, Mapping | DictConfig)
+        and block.get("enabled") is True
+        and key not in claimed
+    ]
 
 
 def resolve_step(name: str) -> Callable:

@@ -48,16 +48,7 @@ def embedding(ctx) -> None:
         )
     )
     if pcs.n_components >= 2:
-        xy = pcs.coords[:, :2]
-        ctx.state["embedding_2d"] = (xy, ("PC1", "PC2"), "pca")
-        blocks.append(
-            R.image(
-                P.hexbin_density(
-                    ctx.fig_dir / "pca_density.png", xy, "PCA density", ("PC1", "PC2")
-                ),
-                "PC1/PC2 particle density",
-            )
-        )
+        _set_2d(ctx, blocks, pcs.coords[:, :2], ("PC1", "PC2"), "pca", "PC1/PC2")
     if cfg.umap.enabled and n >= 4:
         task = ctx.progress.add_task(f"UMAP ({n} particles)", total=None)
         emb = L.umap_embedding(
@@ -70,18 +61,17 @@ def embedding(ctx) -> None:
         ctx.progress.update(task, total=1, completed=1)
         write_npy(latent / "umap.npy", emb)
         ctx.files.append(latent / "umap.npy")
-        ctx.state["embedding_2d"] = (emb, ("UMAP1", "UMAP2"), "umap")
-        blocks.append(
-            R.image(
-                P.hexbin_density(
-                    ctx.fig_dir / "umap_density.png", emb, "UMAP density", ("UMAP1", "UMAP2")
-                ),
-                "UMAP particle density",
-            )
-        )
+        _set_2d(ctx, blocks, emb, ("UMAP1", "UMAP2"), "umap", "UMAP")
     blocks.append(
         R.table(
             [(f"PC{i + 1}", float(v)) for i, v in enumerate(pcs.explained_variance_ratio)],
             ["component", "explained variance ratio"],
         )
     )
+
+
+def _set_2d(ctx, blocks: list[str], xy: np.ndarray, axes: tuple[str, str], name: str, title: str):
+    """Make ``xy`` the 2-D embedding later steps draw on, with its density figure."""
+    ctx.state["embedding_2d"] = (xy, axes, name)
+    png = P.hexbin_density(ctx.fig_dir / f"{name}_density.png", xy, f"{title} density", axes)
+    blocks.append(R.image(png, f"{title} particle density"))

@@ -98,6 +98,9 @@ def _optics_from_arrays(table: ParticleTable, idx: np.ndarray) -> tuple[pd.DataF
     return optics, groups.astype(np.int64)
 
 
+_NOTED_FOLDERS: set[Path] = set()
+
+
 def _portable_names(
     table: ParticleTable, idx: np.ndarray, names: Sequence[str] | None, out: Path
 ) -> list[str]:
@@ -120,10 +123,12 @@ def _portable_names(
         except ValueError:  # another drive (Windows)
             chosen[(s, p)] = str(p)
         rewritten += s is not None
-    if rewritten:
+    if rewritten and folder not in _NOTED_FOLDERS:
+        # Once per output folder: a subset per cluster would otherwise repeat it K times.
+        _NOTED_FOLDERS.add(folder)
         log.info(
-            f"{out}: {rewritten} image stack name(s) of the input would not open from here; "
-            "written relative to this file's folder"
+            f"Star files in {folder}: image names rewritten relative to this folder (the "
+            "input's names are relative to another place), so they open where they are written"
         )
     return [f"{i + 1:06d}@{chosen[(s, p)]}" for i, s, p in zip(table.image_indices[idx], stacks, paths)]
 

@@ -28,6 +28,7 @@ Example usage::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from hetero.models.class3d.points import HalfPlanePoints, gather_points, point_c
 from hetero.models.components.renderer import recenter_images
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.fourier import fft2_centered
+from hetero.physics.projection import volume_rfft
 
 
 @dataclass
@@ -114,6 +116,38 @@ class ExpectationState:
     log_norm: Tensor
     shell: Tensor
     n_shells: int
+
+
+def expectation_state(
+    maps: Tensor, sigma2: Tensor, prior: Tensor, radius: Tensor, points: HalfPlanePoints, strict: int, pad: int,
+) -> tuple[ExpectationState, Tensor]:
+    """The E-step's view of the model: the maps' half spectra and per-replicate weights.
+
+    :param maps: ``(U, K, D, D, D)``; :param sigma2: ``(U, S)`` noise power per shell;
+    :param prior: ``(U, K)``; :param radius: ``(U,)`` current size radius (shells);
+    :param strict: the E-step limit (shells, ``--strict_highres_exp``); :param pad: oversampling.
+    :return: the state and ``(U,)`` float64 number of Fourier pixels in each replicate's E-step.
+
+    RELION leaves the origin out of the likelihood (``Minvsigma2`` is 0 at ires 0: invariance
+    to additive offsets; the maps' mean is poorly determined, the CTF being small there).
+    """
+    u, k, d = maps.shape[:2] + maps.shape[-1:]
+    with torch.autocast(maps.device.type, enabled=False):
+        spectra = volume_rfft(maps.float().reshape(u * k, d, d, d), pad)
+    coarse = torch.clamp(radius, max=strict)
+    m = points.count_within(int(radius.max()))
+    shell = points.shell[:m].to(maps.device)
+    in_e = (shell[None, :] <= coarse[:, None]) & (shell[None, :] > 0)
+    s2 = sigma2[:, shell]
+    used = in_e & (s2 > 0)
+    inv = torch.where(used, 1.0 / s2.clamp(min=1e-300), 0.0)
+    log_norm = torch.where(used, torch.log(2 * math.pi * s2.clamp(min=1e-300)), 0.0).sum(1)
+    state = ExpectationState(
+        flat_spectra=spectra.reshape(-1).to(torch.complex64), map_numel=spectra[0].numel(), n_classes=k,
+        inv_sigma2=inv.float(), fine=shell[None, :] <= radius[:, None],
+        log_prior=torch.log(prior).float(), log_norm=log_norm, shell=shell, n_shells=d // 2 + 1,
+    )
+    return state, used.sum(1).double().clamp(min=1)
 
 
 def expectation(

@@ -40,29 +40,32 @@ from torch import Tensor, nn
 
 from hetero.models.base import HeteroModel
 from hetero.models.class3d.backprojection import insertion_data
+from hetero.models.class3d.diagnostics import class_diagnostics, view_tensor_entries
 from hetero.models.class3d.estep import (
     ExpectationState,
     batch_spectra,
     expectation,
+    expectation_state,
     pair_rows,
     significant,
 )
+from hetero.models.class3d.history import HISTORY, history_shapes, iteration_record
 from hetero.models.class3d.iteration import Settings, initial_references, update_references
 from hetero.models.class3d.membership import build_membership, random_classes
 from hetero.models.class3d.points import HalfPlanePoints
-from hetero.models.class3d.statistics import IterationStatistics
+from hetero.models.class3d.statistics import (
+    IterationStatistics,
+    check_each_particle_once,
+    merged_assignments,
+)
 from hetero.models.class3d.volumes import SolventMask
 from hetero.models.components.renderer import has_ctf
 from hetero.physics.ctf import ctf_table_compute
-from hetero.physics.projection import volume_rfft
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
 INITS = ("consensus", "random_subsets")
-#: Per-iteration history buffers (one row per completed iteration).
-HISTORY = ("hist_class_weight", "hist_fsc_change", "hist_class_resolution", "hist_loglik", "hist_resolution",
-           "hist_changes", "hist_pmax")
 
 
 class Class3D(HeteroModel):
@@ -101,7 +104,7 @@ class Class3D(HeteroModel):
         width_mask_edge: float = 5.0,
         flatten_solvent: bool = True,
         solvent_mask: str | None = None,
-        init: str = "consensus",
+        init: str = "random_subsets",
         init_perturbation: float = 0.1,
         min_class_particles: float = 1.0,
         n_replicates: int = 1,
@@ -158,7 +161,7 @@ class Class3D(HeteroModel):
         self.register_buffer("membership", member)
         # int8: N x U bytes, and a dtype every torch.distributed backend moves (gloo has no int16)
         self.register_buffer("assignment", torch.full(member.shape, -1, dtype=torch.int8))
-        for name, shape in zip(HISTORY, ((u, k), (u, k), (u, k), (u,), (u,), (u,), (u,)), strict=True):
+        for name, shape in zip(HISTORY, history_shapes(u, k), strict=True):
             self.register_buffer(name, torch.zeros(0, *shape, dtype=torch.float64))
         self.register_buffer("image_mask", self.solvent.image_mask(), persistent=False)
         # DDP refuses a module without a trainable parameter; this one is never used.
@@ -187,29 +190,12 @@ class Class3D(HeteroModel):
     # ------------------------------------------------------------------ E-step state
     def _expectation_state(self) -> tuple[ExpectationState, Tensor]:
         """The maps' half spectra and per-replicate weights (rebuilt when the state changes)."""
-        if self._estate is not None and self._estate[0] == self._version:
-            return self._estate[1], self._estate[2]
-        u, k, d = self.n_replicates, self.n_classes, self.box_size
-        with torch.autocast(self.device.type, enabled=False):
-            spectra = volume_rfft(self.maps.float().reshape(u * k, d, d, d), self.pad_factor)
-        strict = self.cfg.shell(self.strict_highres_exp) if self.strict_highres_exp > 0 else d // 2
-        coarse = torch.clamp(self.radius, max=strict)
-        m = self.points.count_within(int(self.radius.max()))
-        shell = self.points.shell[:m].to(self.device)
-        # RELION leaves the origin out of the likelihood (Minvsigma2 = 0 at ires 0: invariance to
-        # additive offsets; the maps' mean is poorly determined, the CTF being small there).
-        in_e = (shell[None, :] <= coarse[:, None]) & (shell[None, :] > 0)
-        s2 = self.sigma2[:, shell]
-        inv = torch.where(in_e & (s2 > 0), 1.0 / s2.clamp(min=1e-300), 0.0)
-        log_norm = torch.where(in_e & (s2 > 0), torch.log(2 * math.pi * s2.clamp(min=1e-300)), 0.0).sum(1)
-        state = ExpectationState(
-            flat_spectra=spectra.reshape(-1).to(torch.complex64), map_numel=spectra[0].numel(), n_classes=k,
-            inv_sigma2=inv.float(), fine=shell[None, :] <= self.radius[:, None],
-            log_prior=torch.log(self.prior).float(), log_norm=log_norm, shell=shell, n_shells=d // 2 + 1,
-        )
-        n_pixels = (in_e & (s2 > 0)).sum(1).double().clamp(min=1)
-        self._estate = (self._version, state, n_pixels)
-        return state, n_pixels
+        if self._estate is None or self._estate[0] != self._version:
+            strict = self.cfg.shell(self.strict_highres_exp) if self.strict_highres_exp > 0 else self.box_size // 2
+            state = expectation_state(self.maps, self.sigma2, self.prior, self.radius, self.points, strict,
+                                      self.pad_factor)
+            self._estate = (self._version, *state)
+        return self._estate[1], self._estate[2]
 
     def _batch_spectra(self, batch, n_points: int, keep_all: bool = False):
         return batch_spectra(batch, self.points, n_points, self.image_mask, self.pad_factor * self.box_size,
@@ -276,6 +262,9 @@ class Class3D(HeteroModel):
         stats.add("nll_per_pixel", pu, -out["loglik"] / n_pixels[pu])
         stats.add("pmax", pu, post.max(-1).values)
         stats.add("changes", pu, ((old >= 0) & (old != best)).double())
+        views = view_tensor_entries(batch["rotation"][pi])
+        stats.add("views", pu, post.double()[:, :, None] * views[:, None, :])
+        stats.add("views_all", pu, views)
         self._new_assignment[index[pi], pu] = best.to(torch.int8)
 
     def _seeding_step(self, batch, data) -> None:
@@ -317,18 +306,19 @@ class Class3D(HeteroModel):
             return
         self._pending = False
         stats, it = self._stats, int(self.iteration)
+        trainer = self._trainer  # without one (direct use), the last iteration is n_iterations'
+        last = (self.current_epoch + 1 >= trainer.max_epochs if trainer is not None and trainer.max_epochs is not None
+                else it + 1 >= self.n_iterations)
         stats.all_reduce()
-        self._check_each_particle_once()
-        self._merge_assignments()
+        check_each_particle_once(self._seen, getattr(getattr(self._trainer, "datamodule", None), "sampler", "?"))
+        self.assignment.copy_(merged_assignments(self._new_assignment, self.assignment))
         npix = self.points.npix.to(self.device)
         if it == 0:
             refs = initial_references(stats, self.cfg, self.solvent, self.points.shell, npix)
         else:
-            trainer = self._trainer
-            last = trainer is not None and trainer.max_epochs is not None and self.current_epoch + 1 >= trainer.max_epochs
             refs = update_references(stats, self.cfg, self.solvent, self.maps, self.radius, npix, it,
                                      reseed=not last, old_sigma2=self.sigma2)
-        self._record(stats, refs, it)
+        self._record(stats, refs, it, last)
         self.maps.copy_(refs.maps)
         self.sigma2.copy_(torch.where(npix > 0, refs.sigma2, self.sigma2) if it else refs.sigma2)
         self.prior.copy_(refs.prior)
@@ -340,55 +330,29 @@ class Class3D(HeteroModel):
         for message in refs.messages:
             log.info(message)
 
-    def _check_each_particle_once(self) -> None:
-        """EM sums must count every particle once: refuse an epoch that repeated some (a sampler
-        padding DDP shards, e.g. data/sampler=random with trainer.devices > 1)."""
-        seen = self._seen
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(seen)
-        if bool((seen > 1).any()):
-            raise RuntimeError(
-                f"class3d: {int((seen > 1).sum())} particles were read more than once in one epoch "
-                f"(data.sampler={getattr(getattr(self._trainer, 'datamodule', None), 'sampler', '?')} pads DDP shards by "
-                "repeating batches), which would count them twice in the EM sums: use "
-                "data/sampler=sequential (the default of model=class3d)"
-            )
-
-    def _merge_assignments(self) -> None:
-        new = self._new_assignment
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(new, op=torch.distributed.ReduceOp.MAX)
-        self.assignment.copy_(torch.where(new >= 0, new, self.assignment))
-
-    def _record(self, stats: IterationStatistics, refs, it: int) -> None:
-        """Append this iteration to the history buffers and prepare the epoch's log values."""
-        s = stats.sums
-        count = s["count"].clamp(min=1)
-        nan = torch.full_like(count, float("nan"))
-        scored = it > 0
-        d = self.box_size
-        row = {
-            "hist_class_weight": s["class_weight"] if scored or self.cfg.init == "random_subsets"
-            else refs.prior * count[:, None],
-            "hist_fsc_change": refs.fsc_change.to(self.device),
-            "hist_class_resolution": refs.resolution.to(self.device),
-            "hist_loglik": s["loglik"] / count if scored else nan,
-            "hist_resolution": d * self.apix / refs.radius.to(self.device).double().clamp(min=1),
-            "hist_changes": s["changes"] / count if scored else nan,
-            "hist_pmax": s["pmax"] / count if scored else nan,
-        }
+    def _record(self, stats: IterationStatistics, refs, it: int, last: bool) -> None:
+        """Append this iteration to the history buffers, prepare the epoch's log values and,
+        after an E-step, the signs of degenerate classes (:mod:`.diagnostics`; warned once, after
+        the last iteration)."""
+        row, logs = iteration_record(stats, refs, it, self.cfg.init, self.box_size, self.apix, self.device)
         for name, value in row.items():
-            setattr(self, name, torch.cat([getattr(self, name), value.double()[None].to(self.device)]))
-        logs = {"train/current_resolution": float(row["hist_resolution"][0])}
-        if scored:
-            logs.update({
-                "train/loglik": float(row["hist_loglik"][0]),
-                "train/changes": float(row["hist_changes"][0]),
-                "train/pmax": float(row["hist_pmax"][0]),
-                "train/nll_per_pixel": float(s["nll_per_pixel"].sum() / s["count"].sum().clamp(min=1)),
-            })
-        for k in range(self.n_classes):
-            logs[f"class_fraction/{k + 1}"] = float(refs.prior[0, k])
+            setattr(self, name, torch.cat([getattr(self, name), value[None]]))
+        if it > 0:
+            s, facts = stats.sums, []
+            for u in range(self.n_replicates):
+                facts.append(class_diagnostics(refs.maps[u], s["class_weight"][u], s["views"][u], s["views_all"][u],
+                                               float(s["count"][u]), int(self.radius[u])))
+            logs["class3d/min_class_fraction"] = min(f["min_class_fraction"] for f in facts)
+            logs["class3d/max_class_similarity"] = max(f["max_class_similarity"] for f in facts)
+            logs["class3d/max_view_bias"] = max(f["max_view_bias"] for f in facts)
+            bad = [u for u, f in enumerate(facts) if f["messages"]]
+            logs["class3d/degenerate_replicates"] = float(len(bad))
+            if last and bad:
+                where = (lambda u: "") if self.n_replicates == 1 else (lambda u: f"replicate {u}: ")
+                lines = [where(u) + m for u in bad for m in facts[u]["messages"]]
+                log.warning("class3d: the classes look unstable or degenerate after the last iteration "
+                            "(check them before using them; see conf/model/class3d.yaml, init):\n  "
+                            + "\n  ".join(lines))
         self._epoch_logs = logs
 
     # ------------------------------------------------------------------ validation / prediction

@@ -34,7 +34,9 @@ from torch import Tensor
 from hetero.models.class3d.backprojection import InsertionData, scatter
 from hetero.physics.reconstruction import BackprojectionAccumulator
 
-#: Per-replicate sums and their trailing shape: ``K`` classes, ``shells``, or a scalar.
+#: Per-replicate sums and their trailing shape: ``K`` classes, ``shells``, or a scalar;
+#: ``views``: posterior-weighted sums of the 6 entries of ``d d^T`` of the projection
+#: directions per class (``K6``), ``views_all`` the same over all particles (:mod:`.diagnostics`).
 SCALARS = {
     "class_weight": "K",
     "residual": "shells",
@@ -44,6 +46,8 @@ SCALARS = {
     "pmax": "",
     "changes": "",
     "power": "shells",
+    "views": "K6",
+    "views_all": "6",
 }
 
 
@@ -83,7 +87,7 @@ class IterationStatistics:
 
         self.numerator, self.weight = grids(2 * u * k)              # grid 2 c + h: class c, half h
         self.consensus_numerator, self.consensus_weight = grids(2 * u if consensus else 0)
-        sizes = {"K": (k,), "shells": (n_shells,), "": ()}
+        sizes = {"K": (k,), "shells": (n_shells,), "": (), "K6": (k, 6), "6": (6,)}
         self.sums = {
             name: torch.zeros((u, *sizes[kind]), dtype=torch.float64, device=device)
             for name, kind in SCALARS.items()
@@ -154,3 +158,28 @@ class IterationStatistics:
         for t in (self.weight, self.consensus_weight):
             if t.numel():
                 dist.all_reduce(t)
+
+
+def check_each_particle_once(seen: Tensor, sampler: str = "?") -> None:
+    """EM sums must count every particle once: refuse an epoch that repeated some (a sampler
+    padding DDP shards, e.g. data/sampler=random with trainer.devices > 1).
+
+    :param seen: ``(N,)`` int32 times each particle was read by this rank (summed over ranks here).
+    :raises RuntimeError: naming the sampler and what to use instead.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(seen)
+    if bool((seen > 1).any()):
+        raise RuntimeError(
+            f"class3d: {int((seen > 1).sum())} particles were read more than once in one epoch "
+            f"(data.sampler={sampler} pads DDP shards by repeating batches), which would count them "
+            "twice in the EM sums: use data/sampler=sequential (the default of model=class3d)"
+        )
+
+
+def merged_assignments(new: Tensor, old: Tensor) -> Tensor:
+    """The best class of every (particle, replicate) after an E-step: ``new`` (``-1`` where this
+    rank did not see the pair; maximum over ranks) where set, else ``old``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(new, op=dist.ReduceOp.MAX)
+    return torch.where(new >= 0, new, old)

@@ -65,6 +65,7 @@ class DynaMight(HeteroModel):
         "hetero.models.dynamight.steps.pseudo_atoms",
         "hetero.models.dynamight.steps.deformations",
         "hetero.models.dynamight.steps.half_set_error",
+        "hetero.models.dynamight.backprojection_step.deformed_backprojection",
     )
 
     def __init__(
