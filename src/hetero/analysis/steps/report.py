@@ -18,7 +18,7 @@ from hetero.utils.files import write_json
 GT_SUMMARY = (
     ("method_ari", "ARI, the method's own assignment"),
     ("method_ami", "AMI, the method's own assignment"),
-    ("method_labelled_fraction", "particles the method labelled"),
+    ("method_labelled_fraction", "fraction of the particles the method labelled"),
     ("ari", "ARI, k-means on the embedding (k = true states)"),
     ("ami", "AMI, k-means on the embedding (k = true states)"),
     ("oracle_ari", "oracle ARI (ceiling)"),
