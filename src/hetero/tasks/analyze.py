@@ -70,12 +70,15 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     ]
     unused = unclaimed_options(cfg, steps)
     if unused:
-        raise ValueError(
+        from hetero.utils.errors import ConfigError
+
+        raise ConfigError(
             f"{', '.join(k + '.enabled=true' for k in unused)}: no analysis step of this run "
             f"({run.path}, method {run.manifest['method']}, steps from its manifest.json: "
-            f"{run.manifest['analysis_steps'] or 'none'}) reads that block. It belongs to another "
-            "method's step, or to a step added after this run was trained: then list that step "
-            "in steps=[...] (a dotted path), or leave the option off."
+            f"{run.manifest['analysis_steps'] or 'none'}) reads that block, so it does not apply "
+            "to this run: leave it off (conf/analyze.yaml says which method's step reads it). A "
+            "run of that method trained before the step existed: add the step to steps=[...] "
+            "(its dotted path)."
         )
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)

@@ -345,10 +345,13 @@ class SyntheticDataset:
         radius = float(np.linalg.norm(coords, axis=-1).max()) + 2 * self.atom_sigma_angstrom
         half_box = self.box_size // 2 * self.pixel_size_angstrom
         if radius > half_box:
-            raise ValueError(
+            from hetero.utils.errors import ConfigError
+
+            raise ConfigError(
                 f"the molecule (radius {radius:.0f} Å incl. 2 sigma) does not fit in a box of "
-                f"{self.box_size} x {self.pixel_size_angstrom} Å; use box_size * "
-                f"pixel_size_angstrom >= {2 * radius + 4 * self.shift_sigma_px * self.pixel_size_angstrom:.0f} Å"
+                f"{self.box_size} x {self.pixel_size_angstrom} Å; use data.particles.box_size * "
+                "data.particles.pixel_size_angstrom (data.box_size only sets the training box) "
+                f">= {2 * radius + 4 * self.shift_sigma_px * self.pixel_size_angstrom:.0f} Å"
             )
         if radius + 3 * self.shift_sigma_px * self.pixel_size_angstrom > half_box:
             log.warning(
