@@ -149,3 +149,21 @@ def one_torch_thread_autouse():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class FakeAnalysisContext:
+    """The parts of :class:`hetero.analysis.context.AnalysisContext` a method step uses, from
+    keyword attributes (``out``, ``sections``, ``cfg``, ``dm``, ...), for testing steps alone."""
+
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
+
+    def section(self, name):
+        return self.sections.setdefault(name, [])
+
+    @property
+    def fig_dir(self):
+        return self.out / "figures"
+
+    def datamodule(self, purpose):
+        return self.dm

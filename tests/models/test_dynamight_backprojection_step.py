@@ -25,7 +25,10 @@ from hetero.models.dynamight.backprojection import make_regions, reconstruct_hal
 from hetero.models.dynamight.backprojection_step import backproject_halves, deformed_backprojection
 from hetero.physics.fsc import fsc, fsc_resolution
 from hetero.physics.masks import soft_mask_from_volume
-from tests.helpers import one_torch_thread_autouse  # noqa: F401 (autouse fixture)
+from tests.helpers import (
+    FakeAnalysisContext,
+    one_torch_thread_autouse,  # noqa: F401 (autouse fixture)
+)
 
 BOX, APIX = 32, 5.0
 
@@ -42,16 +45,7 @@ def _hinge(tmp_path_factory, n: int, snr: float):
     return ds, dm
 
 
-class FakeContext(SimpleNamespace):
-    def section(self, name):
-        return self.sections.setdefault(name, [])
-
-    @property
-    def fig_dir(self) -> Path:
-        return self.out / "figures"
-
-    def datamodule(self, purpose):
-        return self.dm
+FakeContext = FakeAnalysisContext
 
 
 def _cfg(**kw):

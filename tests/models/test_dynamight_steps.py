@@ -16,15 +16,9 @@ from omegaconf import OmegaConf
 from hetero.analysis import latent as L
 from hetero.models.dynamight import DynaMight
 from hetero.models.dynamight import steps as S
+from tests.helpers import FakeAnalysisContext
 
-
-class FakeContext(SimpleNamespace):
-    def section(self, name):
-        return self.sections.setdefault(name, [])
-
-    @property
-    def fig_dir(self) -> Path:
-        return self.out / "figures"
+FakeContext = FakeAnalysisContext
 
 
 def _model() -> DynaMight:
