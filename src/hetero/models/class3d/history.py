@@ -39,7 +39,10 @@ def iteration_record(stats: IterationStatistics, refs, it: int, init: str, box_s
         "hist_class_resolution": refs.resolution.to(device),
         "hist_loglik": s["loglik"] / count if scored else nan,
         "hist_resolution": box_size * apix / refs.radius.to(device).double().clamp(min=1),
-        "hist_changes": s["changes"] / count if scored else nan,
+        # changes from the previous best class; NaN where there was none (first E-step after
+        # init=consensus)
+        "hist_changes": torch.where(s["changes_scored"] > 0, s["changes"] / s["changes_scored"].clamp(min=1), nan)
+        if scored else nan,
         "hist_pmax": s["pmax"] / count if scored else nan,
     }
     row = {name: value.double().to(device) for name, value in row.items()}

@@ -40,7 +40,11 @@ from torch import Tensor, nn
 
 from hetero.models.base import HeteroModel
 from hetero.models.class3d.backprojection import insertion_data
-from hetero.models.class3d.diagnostics import class_diagnostics, view_tensor_entries
+from hetero.models.class3d.diagnostics import (
+    end_of_run_warning,
+    replicate_diagnostics,
+    view_tensor_entries,
+)
 from hetero.models.class3d.estep import (
     ExpectationState,
     batch_spectra,
@@ -209,6 +213,12 @@ class Class3D(HeteroModel):
         return bs, pi, pu, out, n_pixels
 
     # ------------------------------------------------------------------ training (EM)
+    def on_fit_start(self) -> None:
+        epochs = self.trainer.max_epochs
+        if epochs is not None and epochs != self.n_iterations:  # e.g. a resumed run extended
+            log.warning("class3d: running trainer.max_epochs=%s EM iterations (one epoch is one iteration), "
+                        "not model.n_iterations=%d; set model.n_iterations for a new run", epochs, self.n_iterations)
+
     def on_train_epoch_start(self) -> None:
         first = int(self.iteration) == 0
         self._stats = IterationStatistics(
@@ -262,6 +272,7 @@ class Class3D(HeteroModel):
         stats.add("nll_per_pixel", pu, -out["loglik"] / n_pixels[pu])
         stats.add("pmax", pu, post.max(-1).values)
         stats.add("changes", pu, ((old >= 0) & (old != best)).double())
+        stats.add("changes_scored", pu, (old >= 0).double())
         views = view_tensor_entries(batch["rotation"][pi])
         stats.add("views", pu, post.double()[:, :, None] * views[:, None, :])
         stats.add("views_all", pu, views)
@@ -282,6 +293,7 @@ class Class3D(HeteroModel):
             weights = torch.nn.functional.one_hot(cls, self.n_classes).float()
             stats.backproject(data, weights, pi, pu, batch["half"])
             stats.add("class_weight", pu, weights)
+            self._new_assignment[batch["index"][pi], pu] = cls.to(torch.int8)  # changes are from the seeds
         stats.add("count", pu, torch.ones_like(pu, dtype=torch.float64))
         stats.add("power", pu, bs.power[pi])
         stats.mean_spectrum.index_add_(0, pu, bs.x_all[pi].to(torch.complex128))
@@ -338,21 +350,11 @@ class Class3D(HeteroModel):
         for name, value in row.items():
             setattr(self, name, torch.cat([getattr(self, name), value[None]]))
         if it > 0:
-            s, facts = stats.sums, []
-            for u in range(self.n_replicates):
-                facts.append(class_diagnostics(refs.maps[u], s["class_weight"][u], s["views"][u], s["views_all"][u],
-                                               float(s["count"][u]), int(self.radius[u])))
-            logs["class3d/min_class_fraction"] = min(f["min_class_fraction"] for f in facts)
-            logs["class3d/max_class_similarity"] = max(f["max_class_similarity"] for f in facts)
-            logs["class3d/max_view_bias"] = max(f["max_view_bias"] for f in facts)
-            bad = [u for u, f in enumerate(facts) if f["messages"]]
-            logs["class3d/degenerate_replicates"] = float(len(bad))
-            if last and bad:
-                where = (lambda u: "") if self.n_replicates == 1 else (lambda u: f"replicate {u}: ")
-                lines = [where(u) + m for u in bad for m in facts[u]["messages"]]
-                log.warning("class3d: the classes look unstable or degenerate after the last iteration "
-                            "(check them before using them; see conf/model/class3d.yaml, init):\n  "
-                            + "\n  ".join(lines))
+            facts, values = replicate_diagnostics(refs.maps, stats.sums, self.radius)
+            logs.update(values)
+            warning = end_of_run_warning(facts, row["hist_changes"]) if last else None
+            if warning:
+                log.warning(warning)
         self._epoch_logs = logs
 
     # ------------------------------------------------------------------ validation / prediction

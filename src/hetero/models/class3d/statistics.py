@@ -45,6 +45,7 @@ SCALARS = {
     "nll_per_pixel": "",
     "pmax": "",
     "changes": "",
+    "changes_scored": "",
     "power": "shells",
     "views": "K6",
     "views_all": "6",
