@@ -59,3 +59,27 @@ def test_homogeneous_latents_rejected():
 def test_umap_subsample_then_transform(z):
     emb = L.umap_embedding(z, n_neighbors=10, max_points=60, seed=0)
     assert emb.shape == (90, 2) and np.isfinite(emb).all()
+
+
+def _posteriors(seed: int = 0) -> np.ndarray:
+    """A class3d-like embedding: confident posteriors of 2 classes, 12 uncertain particles."""
+    rng = np.random.default_rng(seed)
+    p = np.repeat([[1.0, 0.0], [0.0, 1.0]], 300, axis=0)
+    p[:12, 0] = rng.uniform(0.5, 0.9, 12)
+    p[:12, 1] = 1 - p[:12, 0]
+    return p
+
+
+def test_kmeans_spends_spare_centres_on_single_particles():
+    km = L.kmeans(_posteriors(), 20, seed=0)
+    assert (km.counts <= 2).sum() >= 10  # what the refit exists for
+
+
+def test_kmeans_without_specks_refits_with_the_groups_there_are():
+    km, tried = L.kmeans_without_specks(_posteriors(), 20, min_size=3, seed=0)
+    assert tried[0] == 20 and len(tried) >= 2 and km.n_clusters == tried[-1] < 20
+    assert km.counts.min() >= 3 and sorted(km.counts)[-2:][0] >= 290
+    # separated groups of sufficient size are left alone
+    z = np.random.default_rng(1).normal(size=(200, 3)) + np.repeat(np.eye(3) * 20, [50, 50, 100], axis=0)
+    km3, tried3 = L.kmeans_without_specks(z, 3, min_size=3, seed=0)
+    assert tried3 == [3] and sorted(km3.counts) == [50, 50, 100]

@@ -188,3 +188,19 @@ def test_configured_steps_resolve():
     cfg = analyze_config()
     assert [resolve_step(s).__name__ for s in cfg.steps] == list(cfg.steps)
     assert cfg.reconstruction.device == cfg.maps.device
+
+
+def test_clustering_step_refits_when_clusters_are_specks(tmp_path):
+    """n_clusters=12 on 3 tight groups of 100 plus 4 strays: clusters of < 0.5 % are refitted away
+    (and said so); kmeans.min_cluster_fraction=0 keeps them."""
+    rng = np.random.default_rng(0)
+    z = np.concatenate([np.repeat([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]], 100, axis=0)
+                        + rng.normal(0, 1e-3, (300, 2)), rng.uniform(1, 4, (4, 2))]).astype(np.float32)
+    ctx = fake_context(tmp_path / "a", fake_result(z), ["n_clusters=12"])
+    clustering(ctx)
+    m = ctx.metrics["clusters"]
+    assert m["k_requested"] == 12 and m["k"] < 12 and min(m["counts"]) >= 2
+    assert ctx.state["clusters"].n_clusters == m["k"]
+    kept = fake_context(tmp_path / "b", fake_result(z), ["n_clusters=12", "kmeans.min_cluster_fraction=0"])
+    clustering(kept)
+    assert kept.metrics["clusters"]["k"] == 12

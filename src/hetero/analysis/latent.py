@@ -128,6 +128,29 @@ def kmeans(z: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10) -> K
     )
 
 
+def kmeans_without_specks(
+    z: np.ndarray, n_clusters: int, min_size: int, seed: int = 0, n_init: int = 10
+) -> tuple[KMeansResult, list[int]]:
+    """:func:`kmeans`, refitted with fewer clusters while some hold fewer than ``min_size``
+    particles.
+
+    k-means spends its spare centres on isolated particles when the embedding has fewer
+    separated groups than ``n_clusters``: on a class3d posterior embedding (one-hot rows, rank
+    K - 1) ``n_clusters=20`` gave 2 clusters and 18 of one particle each. Each refit uses the
+    number of clusters of the previous fit that held at least ``min_size``.
+
+    :return: the result and the cluster counts tried (``[n_clusters]`` when nothing was small).
+    """
+    tried = [int(n_clusters)]
+    km = kmeans(z, tried[-1], seed=seed, n_init=n_init)
+    while True:
+        kept = int((km.counts >= min_size).sum())
+        if kept >= km.n_clusters or kept < 1:
+            return km, tried
+        tried.append(kept)
+        km = kmeans(z, kept, seed=seed, n_init=n_init)
+
+
 def umap_embedding(
     z: np.ndarray,
     n_neighbors: int = 15,

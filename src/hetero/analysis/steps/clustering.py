@@ -8,12 +8,17 @@ Writes ``clusters/labels.npy`` (N,), ``clusters/center_indices.npy`` (K,) and
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from hetero.analysis import latent as L
 from hetero.analysis import plots as P
 from hetero.analysis import report as R
 from hetero.utils.files import write_npy, write_text
+from hetero.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__)
 
 SECTION = "Clusters"
 
@@ -37,8 +42,16 @@ def clustering(ctx) -> None:
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of particles ({n})")
     task = ctx.progress.add_task(f"k-means (K={k})", total=None)
-    km = L.kmeans(z, k, seed=int(cfg.kmeans.seed), n_init=int(cfg.kmeans.n_init))
+    min_size = max(1, math.ceil(float(cfg.kmeans.min_cluster_fraction) * n))
+    km, tried = L.kmeans_without_specks(z, k, min_size, seed=int(cfg.kmeans.seed), n_init=int(cfg.kmeans.n_init))
     ctx.progress.update(task, total=1, completed=1)
+    if len(tried) > 1:
+        note = (f"n_clusters={k}: k-means left clusters of fewer than {min_size} particles "
+                f"(kmeans.min_cluster_fraction={cfg.kmeans.min_cluster_fraction}); the embedding has fewer "
+                f"separated groups: refitted with K = {' -> '.join(map(str, tried[1:]))}. Set n_clusters to "
+                "choose, or kmeans.min_cluster_fraction=0 to keep the small clusters.")
+        log.warning(note)
+        blocks.append(R.paragraph(note))
     ctx.state["clusters"] = km
     folder = ctx.out / "clusters"
     ctx.files += [
@@ -53,7 +66,8 @@ def clustering(ctx) -> None:
         ),
     ]
     ctx.metrics["clusters"] = {
-        "k": k,
+        "k": km.n_clusters,
+        "k_requested": k,
         "counts": km.counts.tolist(),
         "center_indices": km.center_indices.tolist(),
     }
