@@ -265,3 +265,20 @@ def test_random_classes_depend_only_on_seed_and_index():
     assert not torch.equal(a, random_classes(idx, 8, 5))
     counts = torch.bincount(a, minlength=5).float()
     assert float(counts.min()) > 0.9 * 2000
+
+
+def test_class_resolution_is_relions_ssnr_estimate_or_the_half_set_fsc():
+    """RELION Class3D's rlnEstimatedResolution: the last shell before data_vs_prior first drops
+    below 1 (within the current size); the half-set option reads the FSC = 0.143 crossing."""
+    from hetero.models.class3d.iteration import Settings, class_resolution
+
+    cfg = Settings(box_size=32, apix=2.0, n_classes=2)
+    dvp = torch.tensor([0.0, 50, 20, 9, 4, 2, 1.5, 0.8, 3, 0.1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    assert class_resolution(cfg, None, dvp, 12) == pytest.approx(32 * 2.0 / 6)   # shell 6: 5.33 Å
+    assert class_resolution(cfg, None, dvp, 4) == pytest.approx(32 * 2.0 / 4)    # capped at the current size
+    assert math.isnan(class_resolution(cfg, None, None, 12))
+    fsc = torch.tensor([1.0, 0.9, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    half = Settings(box_size=32, apix=2.0, n_classes=2, class_resolution="half_set_fsc")
+    assert half.needs_half_set_fsc and not cfg.needs_half_set_fsc
+    assert 32 * 2.0 / 6 <= class_resolution(half, fsc, dvp, 12) <= 32 * 2.0 / 5   # crossing between shells 5 and 6
+    assert Settings(box_size=32, apix=2.0, n_classes=2, tau2_source="fsc").needs_half_set_fsc

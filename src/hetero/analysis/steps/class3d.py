@@ -6,7 +6,8 @@ beside its maps.
   ``rlnMaxValueProbDistribution`` (its posterior there); with ``U > 1`` replicates, one
   ``class3d/particles_replicate_UUU.star`` per replicate (particles it contains only);
 - ``class3d/iterations.csv``: per EM iteration and class (replicate 0): class fraction,
-  half-set FSC = 0.143 resolution, FSC(new, previous map) = 0.5 resolution, and per iteration
+  resolution (``model.class_resolution``: RELION's SSNR = 1 estimate, or half-set FSC = 0.143),
+  FSC(new, previous map) = 0.5 resolution, and per iteration
   the current resolution, mean log-likelihood, fraction of changed assignments and mean max
   posterior (RELION's ``_model.star`` and ``_optimiser`` quantities);
 - a report section "Classification" with those tables and a class-size plot.
@@ -53,7 +54,9 @@ def class3d(ctx) -> None:
         blocks.append(R.table(
             [(c + 1, last[f"fraction_{c + 1}"], last[f"resolution_{c + 1}"], last[f"fsc_change_{c + 1}"])
              for c in range(k)],
-            ["class", "fraction", "half-set FSC 0.143 (Å)", "FSC vs previous iteration 0.5 (Å)"]))
+            ["class", "fraction", {"ssnr": "resolution, SSNR = 1 (Å)"}.get(model.cfg.class_resolution,
+                                                                           "half-set FSC 0.143 (Å)"),
+             "FSC vs previous iteration 0.5 (Å)"]))
     table = ctx.datamodule("class3d star file").table
     if len(table) != result.n_particles:
         raise ValueError(f"the data have {len(table)} particles but the run's posteriors {result.n_particles}")

@@ -6,7 +6,8 @@ low-passed to ``ini_high``, and from it the ``K`` initial references, either the
 perturbed per class (``init="consensus"``) or reconstructions of ``K`` seeded random subsets
 (``init="random_subsets"``: what RELION's first iteration does with one ``--ref``).
 :func:`update_references` ends every later iteration: regularised class reconstructions
-(half-set FSC prior, :mod:`.mstep`), solvent flattening, priors, noise spectrum, next current
+(RELION Class3D's prior from the references' power, or auto-refine's from half-set FSCs,
+:mod:`.mstep`), solvent flattening, priors, noise spectrum, next current
 size, FSC against the previous map, and reseeding of empty classes (the largest class is
 split).
 
@@ -56,6 +57,12 @@ class Settings:
     min_class_particles: float = 1.0
     seed: int = 0
     tau2_source: str = "power"
+    class_resolution: str = "ssnr"
+
+    @property
+    def needs_half_set_fsc(self) -> bool:
+        """Whether an M-step reconstructs each class's half sets (2 more reconstructions)."""
+        return self.tau2_source == "fsc" or self.class_resolution == "half_set_fsc"
 
     def shell(self, resolution_angstrom: float) -> int:
         """Fourier shell of a resolution (Å) in the training box."""
@@ -76,7 +83,7 @@ class References:
     radius: Tensor          # (U,) long: current size radius (shells)
     data_vs_prior: Tensor   # (U, K, S) float64
     fsc_change: Tensor      # (U, K) float64: resolution (Å) where FSC(new, old) drops below 0.5
-    resolution: Tensor      # (U, K) float64: half-set FSC = 0.143 resolution (Å) of each class
+    resolution: Tensor      # (U, K) float64: each class's resolution (Å), :func:`class_resolution`
     messages: list[str] = field(default_factory=list)
 
 
@@ -97,6 +104,26 @@ def initial_noise(stats: IterationStatistics, point_shells: Tensor, npix: Tensor
     )
     total = stats.sums["power"] / count[:, None] - mean_power
     return noise_spectrum(total.clamp(min=0), torch.ones_like(count), npix)
+
+
+def class_resolution(cfg: Settings, fsc_k: Tensor | None, data_vs_prior: Tensor | None, r_max: int) -> float:
+    """A class's resolution (Å): ``cfg.class_resolution == "ssnr"``: RELION Class3D's
+    ``rlnEstimatedResolution``, the last shell before its ``data_vs_prior`` (SSNR) first drops
+    below 1, within the current size ``r_max`` (NaN without a prior); ``"half_set_fsc"``: where
+    the FSC of its unregularised half-set maps (``fsc_k``) drops below 0.143."""
+    if cfg.class_resolution == "half_set_fsc" and fsc_k is not None:
+        return fsc_resolution(fsc_k.float(), cfg.box_size, cfg.apix, threshold=0.143)
+    if data_vs_prior is None or not bool((data_vs_prior > 0).any()):
+        return float("nan")
+    below = torch.nonzero(data_vs_prior[1 : int(r_max) + 1] < 1).flatten()
+    shell = max(int(below[0]) if below.numel() else int(r_max), 1)
+    return cfg.box_size * cfg.apix / shell
+
+
+def _class_fsc(stats: IterationStatistics, cfg: Settings, c: int, r_max: int, consensus: bool = False):
+    """The half-set FSC of class (or consensus) ``c`` when ``cfg`` needs it, else None."""
+    return half_set_fsc(stats.half(c, 0, consensus), stats.half(c, 1, consensus), r_max) \
+        if cfg.needs_half_set_fsc else None
 
 
 def initial_references(
@@ -126,7 +153,7 @@ def initial_references(
         if cfg.init == "random_subsets":
             for k in range(k_count):
                 c = u * k_count + k
-                fsc_k = half_set_fsc(stats.half(c, 0), stats.half(c, 1), r0)
+                fsc_k = _class_fsc(stats, cfg, c, r0)
                 acc_k = stats.accumulator(c)
                 prior_dvp = None
                 if cfg.do_map and cfg.tau2_source == "power":
@@ -135,21 +162,21 @@ def initial_references(
                 vol, dv = regularised_reconstruct(acc_k, fsc_k, cfg.tau2_fudge, r0, cfg.do_map, prior_dvp,
                                                   cfg.minres_map)
                 maps[u, k] = flatten(vol)
-                resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
+                resolution[u, k] = class_resolution(cfg, fsc_k, dv, r0)
                 if dv is not None:
                     dvp[u, k] = dv
             priors[u] = class_priors(stats.sums["class_weight"][u : u + 1])[0]
         else:
-            fsc_c = half_set_fsc(stats.half(u, 0, True), stats.half(u, 1, True), r0)
-            dv = cfg.tau2_fudge * whole_map_ssnr(fsc_c) if cfg.do_map else None
+            fsc_c = _class_fsc(stats, cfg, u, r0, consensus=True)
+            dv = cfg.tau2_fudge * whole_map_ssnr(fsc_c) if cfg.do_map and fsc_c is not None else None
             gen = _generator(cfg.seed + u)   # replicate u is a run with seed + u
             for k in range(k_count):
                 maps[u, k] = perturb(consensus, gen, cfg.init_perturbation)
-                resolution[u, k] = fsc_resolution(fsc_c.float(), d, cfg.apix, threshold=0.143)
                 if cfg.do_map and cfg.tau2_source == "power":
                     # RELION's initialiseDataVersusPrior: the reference's power, 1/K of the data.
                     dv = power_data_vs_prior(acc, shell_power(maps[u, k]), sigma2[u], cfg.tau2_fudge,
                                              cfg.nyquist, fraction=1.0 / k_count)
+                resolution[u, k] = class_resolution(cfg, fsc_c, dv, r0)
                 if dv is not None:
                     dvp[u, k] = dv
         if cfg.do_map:
@@ -193,8 +220,7 @@ def update_references(
             if weight[u, k] <= 0:
                 continue  # RELION: a class without particles gets an empty map
             c = u * k_count + k
-            fsc_k = half_set_fsc(stats.half(c, 0), stats.half(c, 1), r)
-            resolution[u, k] = fsc_resolution(fsc_k.float(), d, cfg.apix, threshold=0.143)
+            fsc_k = _class_fsc(stats, cfg, c, r)
             acc = stats.accumulator(c)
             prior_dvp = None
             if cfg.do_map and cfg.tau2_source == "power":
@@ -205,6 +231,7 @@ def update_references(
             vol, dv = regularised_reconstruct(acc, fsc_k, cfg.tau2_fudge, r, cfg.do_map, prior_dvp,
                                               cfg.minres_map)
             maps[u, k] = flatten(vol)
+            resolution[u, k] = class_resolution(cfg, fsc_k, dv, r)
             if dv is not None:
                 dvp[u, k] = dv
             curve = fsc(maps[u, k], old_maps[u, k])

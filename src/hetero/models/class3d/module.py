@@ -98,6 +98,7 @@ class Class3D(HeteroModel):
         n_iterations: int = 30,
         tau2_fudge: float = 4.0,
         tau2_source: str = "power",
+        class_resolution: str = "ssnr",
         strict_highres_exp: float = 10.0,
         ini_high: float = 60.0,
         do_map: bool = True,
@@ -128,8 +129,9 @@ class Class3D(HeteroModel):
         super().__init__(box_size, apix, None, optimizer, scheduler, render_method, **data_info)
         if init not in INITS:
             raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
-        if tau2_source not in ("power", "fsc"):
-            raise ValueError(f"model.tau2_source must be 'power' or 'fsc', got {tau2_source!r}")
+        if tau2_source not in ("power", "fsc") or class_resolution not in ("ssnr", "half_set_fsc"):
+            raise ValueError("model.tau2_source must be 'power' or 'fsc' and model.class_resolution 'ssnr' or "
+                             f"'half_set_fsc', got {tau2_source!r}, {class_resolution!r}")
         if accumulator_dtype not in ("float32", "float64"):
             raise ValueError(f"model.accumulator_dtype must be float32 or float64, got {accumulator_dtype!r}")
         if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
@@ -146,7 +148,7 @@ class Class3D(HeteroModel):
         self.n_iterations = int(n_iterations)
         self.cfg = Settings(d, self.apix, k, float(tau2_fudge), bool(do_map), float(ini_high), int(incr_size),
                             int(minres_map), init, float(init_perturbation), float(min_class_particles), int(seed),
-                            tau2_source)
+                            tau2_source, class_resolution)
         self.strict_highres_exp = float(strict_highres_exp)
         self.adaptive_fraction = float(adaptive_fraction)
         self.pad_factor = int(pad_factor)
