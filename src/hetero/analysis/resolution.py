@@ -104,7 +104,8 @@ def half_map_resolution(
 
       Every masked key is ``None`` without a mask; ``fsc_phase_randomised`` and the
       randomisation keys are ``None`` when the unmasked FSC never drops below
-      ``randomize_at_fsc`` (then no correction is made: ``fsc_masked`` is the raw curve).
+      ``randomize_at_fsc`` (then no correction is made: ``fsc_masked`` is the raw curve;
+      RELION 3.1.3's postprocess stops with an error there).
     """
     d = int(half1.shape[-1])
     unmasked = fsc(half1, half2, half_spectrum=True)
