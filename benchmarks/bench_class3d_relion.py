@@ -17,10 +17,13 @@ oracle's ARI), with wall time (``hetero`` includes start-up and the inference pa
 resident memory. Writes JSON (``--out``) and prints a Markdown table for ``docs/benchmarks.md``.
 RELION is optional: without ``relion_refine`` on PATH its row is skipped (logged).
 
-Example usage::
+Example usage (the second: the sets of the accuracy benchmark, bench_accuracy.py, whose
+OPUS-DSD / cryoDRGN / homogeneous rows are on the same particles)::
 
     nice -n 10 python benchmarks/bench_class3d_relion.py --n-states 4 --n-particles 2000 \\
         --box 32 --snr 0.05 --iterations 15 --threads 1 --out docs/bench_class3d_relion.json
+    nice -n 10 python benchmarks/bench_class3d_relion.py --n-states 8 --n-particles 5000 --box 64 \
+        --apix 3 --train-box 32 --snr 0.05 --iterations 15 --out docs/bench_class3d_relion_discrete8.json
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
     run_dir = workdir / "hetero"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", "model=class3d", f"model.n_classes={a.k}", f"model.n_iterations={a.iterations}",
-           f"model.tau2_fudge={a.tau2}", f"model.init={a.init}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
+           f"model.tau2_fudge={a.tau2}", f"model.init={a.init}", f"model.particle_diameter={a.diameter:.2f}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
            "logger=csv", "extras.print_config=false", *data, f"hydra.run.dir={run_dir}"]
     seconds, peak = run_measured(cmd, workdir / "hetero-train.log", cwd=REPO)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -133,6 +136,8 @@ def main() -> None:
     p.add_argument("--n-particles", type=int, default=2000)
     p.add_argument("--box", type=int, default=32)
     p.add_argument("--apix", type=float, default=6.0)
+    p.add_argument("--train-box", type=int, default=None,
+                   help="hetero's data.box_size (Fourier crop; default --box); RELION classifies at --box")
     p.add_argument("--snr", type=float, default=0.05)
     p.add_argument("--k", type=int, default=None, help="classes (default: the number of states)")
     p.add_argument("--iterations", type=int, default=15)
@@ -150,14 +155,16 @@ def main() -> None:
     a.k = a.k or a.n_states
     data = [f"data.particles.kind={a.kind}", f"data.particles.n_states={a.n_states}",
             f"data.particles.n_particles={a.n_particles}", f"data.particles.box_size={a.box}",
-            f"data.particles.pixel_size_angstrom={a.apix}", f"data.particles.snr={a.snr}", f"data.box_size={a.box}"]
+            f"data.particles.pixel_size_angstrom={a.apix}", f"data.particles.snr={a.snr}",
+            f"data.box_size={a.train_box or a.box}"]
     ds = synthetic_dataset(data)
     star = Path(ds.ensure())
     from hetero.data.synthetic import load_truth
 
     truth = np.asarray(load_truth(ds.truth_dir)["labels"])
     a.workdir.mkdir(parents=True, exist_ok=True)
-    diameter = (a.box - 5.0) * a.apix  # class3d's default particle_diameter
+    # class3d's default particle_diameter at the particles' box, given to both
+    diameter = a.diameter = (a.box - 5.0) * a.apix
     rows = []
     if "hetero" in a.methods:
         rows.append(run_hetero(a, data, a.workdir, truth))
@@ -173,7 +180,7 @@ def main() -> None:
     if a.out:
         result = {"date": date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv),
                   "dataset": {"kind": a.kind, "n_states": a.n_states, "n_particles": a.n_particles, "box": a.box,
-                              "apix": a.apix, "snr": a.snr},
+                              "apix": a.apix, "snr": a.snr, "train_box": a.train_box or a.box},
                   "settings": {"K": a.k, "init": a.init, "iterations": a.iterations, "tau2_fudge": a.tau2, "threads": a.threads},
                   "rows": rows, "oracle": oracle, "markdown": table}
         a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -96,6 +96,13 @@ def test_step_with_zero_deformation_equals_rigid(tmp_path_factory, tmp_path):
     bpm = ctx.metrics["dynamight"]["backprojection"]
     assert bpm["gain_0.143_unmasked_angstrom"] == pytest.approx(0.0, abs=1e-3)
     assert bpm["particles"] == [int((dm.table.half_set == h).sum()) for h in (0, 1)]
+    # the summary the user reads shows both resolutions (equal here)
+    headline = ctx.metrics["headline"]["deformed / rigid backprojection: FSC=0.143 (Å)"]
+    r = f"{bpm['deformed']['res_0.143_unmasked']:.3g}"
+    assert headline.startswith(f"{r} / {r} (unmasked), "), headline
+    from hetero.analysis.steps.report import print_summary
+
+    print_summary(ctx.metrics, tmp_path / "report.html")
     # zero field: the inverse is exact
     ic = ctx.metrics["dynamight"]["inverse_consistency"]["half1"]
     assert ic["grid_max"] < 1e-4 and ic["consensus_max"] < 1e-4 and ic["local_rigid_rms"] < 1e-3

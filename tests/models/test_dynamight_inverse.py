@@ -41,6 +41,12 @@ def test_learned_and_iterative_inverses_agree(forward_run, tmp_path):
     assert manifest["method"] == "dynamight_inverse"
     assert manifest["parts"]["forward_run"]["path"] == str(forward_run.resolve())
     assert len(model.epoch_losses) == 15 and model.epoch_losses[-1] < model.epoch_losses[0]
+    # the learning-rate halving's history travels with the checkpoint (a resume sees the same rule)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    losses = list(model.epoch_losses)
+    model.epoch_losses = []
+    model.on_load_checkpoint(last)
+    assert model.epoch_losses == pytest.approx(losses)
     z = torch.as_tensor(np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32))
     for h in (0, 1):
         vae = model.halves[h]

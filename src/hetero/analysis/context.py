@@ -3,7 +3,9 @@
 A step is a function ``step(ctx) -> None`` (``hetero.analysis.steps``, or a method's own
 steps named in its run manifest). It reads ``ctx.cfg``, ``ctx.result`` and earlier steps'
 ``ctx.state``, writes files under ``ctx.out`` (recording them in ``ctx.files``), adds numbers
-to ``ctx.metrics`` (-> ``metrics.json``) and report blocks to ``ctx.section(name)``.
+to ``ctx.metrics`` (-> ``metrics.json``) and report blocks to ``ctx.section(name)``. A method's
+step with a result the user should see at once adds ``label -> text`` to
+``ctx.metrics["headline"]``: the summary (console and report) shows it.
 
 Example usage::
 

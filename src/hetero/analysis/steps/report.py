@@ -107,6 +107,7 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
                     f"{min(res):.3g} to {max(res):.3g}" if len(res) > 1 else f"{res[0]:.3g}",
                 )
             )
+    rows += list((m.get("headline") or {}).items())
     gt = m.get("ground_truth") or {}
     rows += [(label, float(gt[key])) for key, label in GT_SUMMARY if key in gt]
     if "closer_to_truth" in gt:
@@ -156,6 +157,8 @@ def print_summary(metrics: dict, report_path: Path) -> None:
         res = [r for r in res if r]
         if res:
             table.add_row(f"{kind} FSC=0.143 masked (Å)", f"{min(res):.3g}-{max(res):.3g}")
+    for label, text in (metrics.get("headline") or {}).items():
+        table.add_row(label, str(text))
     gt = metrics.get("ground_truth") or {}
     for key, label in GT_SUMMARY:
         if key in gt:

@@ -265,6 +265,9 @@ def _write(ctx, maps, mask, box, apix, consistency, counts) -> None:
     metrics["particles"] = counts
     ctx.metrics.setdefault("dynamight", {})["backprojection"] = metrics
     ctx.metrics["dynamight"]["inverse_consistency"] = consistency
+    ctx.metrics.setdefault("headline", {})["deformed / rigid backprojection: FSC=0.143 (Å)"] = ", ".join(
+        f"{res['deformed'][f'res_0.143_{m}']:.3g} / {res['rigid'][f'res_0.143_{m}']:.3g} ({m})"
+        for m in ("unmasked", "masked"))
     _report(ctx, res, metrics, consistency, fig)
 
 

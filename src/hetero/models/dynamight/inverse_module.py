@@ -219,6 +219,14 @@ class DynaMightInverse(HeteroModel):
     def configure_optimizers(self):
         return torch.optim.Adam(self.inverses.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
+    # The halving rule reads the previous epochs' losses: a resumed run must see the same ones (the
+    # halved learning rate itself is in the optimiser's state).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["inverse_epoch_losses"] = list(self.epoch_losses)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.epoch_losses = [float(v) for v in checkpoint.get("inverse_epoch_losses", [])]
+
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx: int) -> None:
         bs = len(batch["index"])
