@@ -266,8 +266,8 @@ def _write(ctx, maps, mask, box, apix, consistency, counts) -> None:
     ctx.metrics.setdefault("dynamight", {})["backprojection"] = metrics
     ctx.metrics["dynamight"]["inverse_consistency"] = consistency
     ctx.metrics.setdefault("headline", {})["deformed / rigid backprojection: FSC=0.143 (Å)"] = ", ".join(
-        f"{res['deformed'][f'res_0.143_{m}']:.3g} / {res['rigid'][f'res_0.143_{m}']:.3g} ({m})"
-        for m in ("unmasked", "masked"))
+        f"{res['deformed'][f'res_0.143_{m}']:.3g} / {res['rigid'][f'res_0.143_{m}']:.3g} ({label})"
+        for m, label in (("unmasked", "unmasked"), ("masked", "masked, corrected")))
     _report(ctx, res, metrics, consistency, fig)
 
 
