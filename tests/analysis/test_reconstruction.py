@@ -212,7 +212,10 @@ def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
     with mrcfile.open(folder / "cluster_001_half2.mrc") as mrc:
         assert mrc.data.shape == (fakes.BOX,) * 3 and mrc.voxel_size.x == pytest.approx(fakes.APIX)
     csv = (folder / "cluster_000_fsc.csv").read_text().splitlines()
-    assert csv[0] == "shell,frequency_per_angstrom,resolution_angstrom,fsc_unmasked,fsc_masked"
+    assert csv[0] == (
+        "shell,frequency_per_angstrom,resolution_angstrom,fsc_unmasked,fsc_masked,"
+        "fsc_masked_uncorrected,fsc_phase_randomised"
+    )
     assert len(csv) == fakes.BOX // 2 + 2
     assert "<h3>clusters</h3>" in "".join(ctx.sections["Reconstructed maps"])
 

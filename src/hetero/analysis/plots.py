@@ -227,12 +227,15 @@ def fsc_grid(
     apix: float,
     columns: int = 4,
 ) -> Path:
-    """One small panel per group: half-map FSC masked (solid) and unmasked (dashed) against
-    spatial frequency, the 0.143 and 0.5 thresholds, and the 0.143 resolutions in the title
+    """One small panel per group: half-map FSC masked (solid; corrected by phase randomisation
+    when the results come from :func:`hetero.analysis.resolution.half_map_resolution`), masked
+    uncorrected (dotted, if given) and unmasked (dashed) against spatial frequency, the 0.143
+    and 0.5 thresholds, and the 0.143 resolutions in the title
     (``"<name>: <unmasked> Å (<masked> masked)"``).
 
     :param results: ``{name: {"fsc_unmasked": curve, "fsc_masked": curve | None,
-        "res_0.143_unmasked": Å, "res_0.143_masked": Å | None}}``.
+        "fsc_masked_uncorrected": curve | None (optional), "res_0.143_unmasked": Å,
+        "res_0.143_masked": Å | None}}``.
     """
     names = list(results)
     cols = max(1, min(columns, len(names)))
@@ -248,6 +251,9 @@ def fsc_grid(
         title = f"{name}: {r['res_0.143_unmasked']:.3g} Å"
         if r.get("fsc_masked") is not None:
             ax.plot(freq, r["fsc_masked"], "-", color="#c44e52", linewidth=1, label="masked")
+            if r.get("fsc_masked_uncorrected") is not None:
+                ax.plot(freq, r["fsc_masked_uncorrected"], ":", color="#c44e52", linewidth=0.8,
+                        label="masked, uncorrected")
             title += f" ({r['res_0.143_masked']:.3g} masked)"
         for thr in (0.5, 0.143):
             ax.axhline(thr, color="grey", linestyle=":", linewidth=0.7)

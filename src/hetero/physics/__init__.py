@@ -13,9 +13,18 @@ from hetero.physics.fourier import (
     ifft2_centered,
     ifft3_centered,
     radial_average,
+    randomise_phases_beyond,
     shift_images,
 )
-from hetero.physics.fsc import fsc, fsc_auc, fsc_crossing, fsc_resolution, shell_resolution_angstrom
+from hetero.physics.fsc import (
+    fsc,
+    fsc_auc,
+    fsc_corrected,
+    fsc_crossing,
+    fsc_resolution,
+    randomise_from_shell,
+    shell_resolution_angstrom,
+)
 from hetero.physics.healpix import healpix_class, n_healpix_classes
 from hetero.physics.masks import circular_mask, soft_mask_from_volume, spherical_mask
 from hetero.physics.projection import project_fourier, project_real, render, rotate_volume
@@ -33,8 +42,9 @@ from hetero.physics.rotations import (
 __all__ = [
     "CTF_COLUMNS", "CTFParams", "compute_ctf", "ctf_table_compute",
     "fft2_centered", "fft3_centered", "fourier_crop_2d", "fourier_crop_3d", "ifft2_centered",
-    "ifft3_centered", "radial_average", "shift_images",
-    "fsc", "fsc_auc", "fsc_crossing", "fsc_resolution", "shell_resolution_angstrom",
+    "ifft3_centered", "radial_average", "randomise_phases_beyond", "shift_images",
+    "fsc", "fsc_auc", "fsc_corrected", "fsc_crossing", "fsc_resolution", "randomise_from_shell",
+    "shell_resolution_angstrom",
     "healpix_class", "n_healpix_classes",
     "circular_mask", "soft_mask_from_volume", "spherical_mask",
     "project_fourier", "project_real", "render", "rotate_volume",

@@ -173,3 +173,43 @@ def gaussian_envelope(box_size: int, b_factor: Tensor | float, pixel_size_angstr
     s2 = sx**2 + sy**2
     b = torch.as_tensor(b_factor, dtype=torch.float32, device=device)
     return torch.exp(-b[..., None, None] * s2 / 4.0)
+
+
+def randomise_phases_beyond(
+    volume: Tensor, shell: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Replace the Fourier phases of ``volume`` at ``|k| >= shell`` by uniform random phases,
+    keeping every amplitude (RELION's ``randomizePhasesBeyond``, used by ``relion_postprocess``
+    for the FSC correction of Chen et al. 2013, Ultramicroscopy 135:24).
+
+    Each Fourier component ``F(k)`` beyond the cut becomes ``F(k) exp(i (t(k) - t(-k)))`` with
+    ``t`` i.i.d. uniform on ``[0, 2 pi)``: the added phase is uniform and odd in ``k``, so the
+    spectrum stays Hermitian, the map stays real and ``|F(k)|`` is kept exactly (the few
+    self-conjugate components, e.g. the Nyquist corners, are real and keep their value). RELION
+    instead draws a phase per element of its half-complex transform and lets the inverse FFT
+    symmetrise the ``kx = 0`` and Nyquist planes, which slightly changes their amplitudes.
+
+    :param volume: ``(..., D, D, D)`` real; half precision is upcast to float32, float64 kept.
+    :param shell: cut in Fourier pixels (``|k| = D * apix / resolution``); components with
+        ``|k| >= shell`` are randomised (RELION's ``kp^2 + ip^2 + jp^2 >= index^2``), so integer
+        shells ``round(|k|) < shell`` are untouched.
+    :param generator: ``torch.Generator`` for the phases (default: torch's global one); the
+        phases are drawn on the generator's device, so a seeded CPU generator gives the same
+        map on CPU and CUDA.
+    :return: ``(..., D, D, D)`` real tensor of ``volume``'s (upcast) dtype and device.
+    """
+    x = _upcast(volume)
+    dims = (-3, -2, -1)
+    size = x.shape[-3:]
+    f = torch.fft.fftn(x, dim=dims)
+    axes = [torch.fft.fftfreq(n, 1.0 / n, device=x.device, dtype=torch.float64) for n in size]
+    kz, ky, kx = torch.meshgrid(*axes, indexing="ij")
+    beyond = (kz**2 + ky**2 + kx**2) >= float(shell) ** 2
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    t = torch.rand(f.shape, generator=generator, device=gen_device, dtype=torch.float64)
+    t = t.to(x.device) * (2 * math.pi)
+    # t(-k): index -i mod n on every axis = flip, then roll by one.
+    t_neg = torch.roll(torch.flip(t, dims=dims), shifts=(1, 1, 1), dims=dims)
+    phase = torch.where(beyond, t - t_neg, torch.zeros_like(t)).to(x.dtype)
+    out = torch.fft.ifftn(f * torch.polar(torch.ones_like(phase), phase), dim=dims)
+    return out.real

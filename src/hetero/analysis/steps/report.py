@@ -103,7 +103,7 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
         if res:
             rows.append(
                 (
-                    f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, masked)",
+                    f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, masked, corrected)",
                     f"{min(res):.3g} to {max(res):.3g}" if len(res) > 1 else f"{res[0]:.3g}",
                 )
             )

@@ -15,7 +15,8 @@ sums are all-reduced.
 Writes ``dynamight/backprojection/``: ``map_half1.mrc``, ``map_half2.mrc`` (RELION PostProcess
 reads them), ``map.mrc`` (their average), ``rigid_half{1,2}.mrc``, ``rigid.mrc``, ``mask.mrc``
 (from both half sets' consensus Gaussians, soft edge in Å), ``fsc.csv`` (deformed / rigid,
-unmasked / masked), ``inverse_consistency.json``; the figure ``figures/dynamight_fsc.png``;
+unmasked / masked corrected by phase randomisation as RELION's postprocess / masked
+uncorrected / phase-randomised masked), ``inverse_consistency.json``; the figure ``figures/dynamight_fsc.png``;
 metrics ``dynamight.backprojection`` (0.143 / 0.5 resolutions in Å, the gain) and
 ``dynamight.inverse_consistency``; the report section "DynaMight deformed backprojection".
 """
@@ -132,7 +133,8 @@ def consensus_mask(model, box_size: int, apix: float, threshold: float, extend_a
 
 
 def score(maps: dict, mask: torch.Tensor | None, apix: float) -> dict:
-    """Half-map FSC (unmasked, masked) and resolutions of ``{"half1", "half2"}``."""
+    """Half-map FSC (unmasked; masked, corrected by phase randomisation as RELION) and resolutions
+    of ``{"half1", "half2"}`` (:func:`~hetero.analysis.resolution.half_map_resolution`, seed 0)."""
     return half_map_resolution(maps["half1"], maps["half2"], apix, mask)
 
 
@@ -249,10 +251,12 @@ def _write(ctx, maps, mask, box, apix, consistency, counts) -> None:
     files.append(write_volume(folder / "mask.mrc", mask.numpy(), apix, origin_angstrom=(0.0, 0.0, 0.0)))
     res = {kind: score(maps[kind], mask, apix) for kind in maps}
     curves = {f"{kind}_{m}": res[kind][f"fsc_{m}"] for kind in res for m in ("unmasked", "masked")}
-    files.append(write_text(folder / "fsc.csv", fsc_table(curves, box, apix)))
+    extra = {f"{kind}_{m}": res[kind][f"fsc_{m}"] for kind in res
+             for m in ("masked_uncorrected", "phase_randomised")}
+    files.append(write_text(folder / "fsc.csv", fsc_table({**curves, **extra}, box, apix)))
     files.append(write_text(folder / "inverse_consistency.json", json.dumps(consistency, indent=1) + "\n"))
     fig = P.fsc_curves(ctx.fig_dir / "dynamight_fsc.png", {k.replace("_", " "): v for k, v in curves.items()},
-                       box, apix, title="Half-map FSC: deformed vs rigid backprojection")
+                       box, apix, title="Half-map FSC: deformed vs rigid (masked: corrected as RELION)")
     files.append(fig)
     ctx.files.extend(files)
     metrics = {kind: {k: v for k, v in r.items() if not k.startswith("fsc_")} for kind, r in res.items()}
@@ -262,8 +266,8 @@ def _write(ctx, maps, mask, box, apix, consistency, counts) -> None:
     ctx.metrics.setdefault("dynamight", {})["backprojection"] = metrics
     ctx.metrics["dynamight"]["inverse_consistency"] = consistency
     ctx.metrics.setdefault("headline", {})["deformed / rigid backprojection: FSC=0.143 (Å)"] = ", ".join(
-        f"{res['deformed'][f'res_0.143_{m}']:.3g} / {res['rigid'][f'res_0.143_{m}']:.3g} ({m})"
-        for m in ("unmasked", "masked"))
+        f"{res['deformed'][f'res_0.143_{m}']:.3g} / {res['rigid'][f'res_0.143_{m}']:.3g} ({label})"
+        for m, label in (("unmasked", "unmasked"), ("masked", "masked, corrected")))
     _report(ctx, res, metrics, consistency, fig)
 
 
@@ -275,21 +279,30 @@ def _report(ctx, res, metrics, consistency, fig) -> None:
         f"({int(bc.regions)} locally rigid regions, blended by a partition of unity; CTF^2 weights "
         "deformed the same way) and reconstructed with RELION's gridding and a per-shell tau^2 from the "
         "half-map FSC, beside the rigid backprojection of the same particles. Masked: a soft mask from "
-        "the consensus Gaussians. Files: dynamight/backprojection/ (map_half1.mrc, map_half2.mrc for "
+        "the consensus Gaussians; the masked FSC is corrected by phase randomisation beyond "
+        f"{_beyond(res)} as RELION's postprocess (Chen et al. 2013; uncorrected and phase-randomised "
+        "curves in fsc.csv). Files: dynamight/backprojection/ (map_half1.mrc, map_half2.mrc for "
         "relion_postprocess)."))
     rows = [(kind, *(res[kind][f"res_{t}_{m}"] for t in ("0.143", "0.5") for m in ("unmasked", "masked")))
             for kind in ("deformed", "rigid")]
-    blocks.append(R.table(rows, ["backprojection", "FSC=0.143 (Å)", "FSC=0.143 masked (Å)", "FSC=0.5 (Å)",
-                                 "FSC=0.5 masked (Å)"]))
+    blocks.append(R.table(rows, ["backprojection", "FSC=0.143 (Å)", "FSC=0.143 masked, corrected (Å)",
+                                 "FSC=0.5 (Å)", "FSC=0.5 masked, corrected (Å)"]))
     blocks.append(R.paragraph(
         f"Gain at FSC=0.143: {metrics['gain_0.143_unmasked_angstrom']:.2f} Å unmasked, "
-        f"{metrics['gain_0.143_masked_angstrom']:.2f} Å masked (rigid minus deformed)."))
+        f"{metrics['gain_0.143_masked_angstrom']:.2f} Å masked and corrected (rigid minus deformed)."))
     blocks.append(R.image(fig, "Half-map FSC of the deformed and rigid backprojections"))
     blocks.append(R.table(
         [(h, c["grid_mean"], c["grid_max"], c["consensus_mean"], c["local_rigid_rms"], c["deformation_rms"])
          for h, c in consistency.items()],
         ["half set", "||G(G^-1(y)) - y|| grid mean (Å)", "grid max (Å)", "||G^-1(G(c)) - c|| mean (Å)",
          "local rigid fit RMS (Å)", "deformation RMS (Å)"]))
+
+
+def _beyond(res: dict) -> str:
+    """Where each backprojection's phases were randomised, e.g. ``"8.7 Å (deformed), 9.6 Å (rigid)"``."""
+    parts = [f"{r['randomise_from_angstrom']:.3g} Å ({kind})" for kind, r in res.items()
+             if r.get("randomise_from_angstrom") is not None]
+    return ", ".join(parts) or "no shell (the unmasked FSC stays above 0.8: no correction)"
 
 
 deformed_backprojection.options = "backprojection"  # its block in conf/analyze.yaml
