@@ -18,4 +18,8 @@ else
 fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '--dry-run' in sys.argv else 'no CUDA device: run on a GPU machine, or pass --dry-run')" "$@"
 export PYTHONUNBUFFERED=1 HETERO_CACHE_DIR=${HETERO_CACHE_DIR:-$PWD/.cache}
+# the tests that need a CUDA device (pytest -m gpu; seconds)
+if [[ " $* " != *" --dry-run "* ]]; then
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || echo "gpu tests FAILED (see above)"
+fi
 exec timeout 480 "$PY" benchmarks/gpu_check.py "$@"

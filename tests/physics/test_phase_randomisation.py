@@ -69,6 +69,7 @@ def test_randomisation_is_seeded_batched_and_upcasts():
     torch.testing.assert_close(randomise_phases_beyond(v, 100), v, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_randomisation_same_on_cuda_with_a_cpu_generator():
     v = _noise(16, 2, torch.float32)
