@@ -93,17 +93,15 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
         rows.append(("decoder template", f"{t} px, {result.voxel_size:.4g} Å/voxel"))
     if "clusters" in m:
         counts = m["clusters"]["counts"]
-        rows.append(("clusters", f"{len(counts)} (sizes {min(counts)} to {max(counts)})"))
+        sizes = f"(sizes {min(counts)} to {max(counts)})"
+        rows.append(("clusters", f"{len(counts)}{_requested(m['clusters'])} {sizes}"))
     for kind, groups in (m.get("reconstructed") or {}).items():
-        res = [
-            g["res_0.143_masked"] or g["res_0.143_unmasked"]
-            for g in groups
-            if g.get("res_0.143_unmasked")
-        ]
-        if res:
+        summary = reconstruction_summary(groups)
+        if summary:
+            label, res = summary
             rows.append(
                 (
-                    f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, masked, corrected)",
+                    f"reconstructed {kind.replace('_', ' ')}: FSC=0.143 (Å, {label})",
                     f"{min(res):.3g} to {max(res):.3g}" if len(res) > 1 else f"{res[0]:.3g}",
                 )
             )
@@ -116,6 +114,31 @@ def summary_rows(ctx, seconds: float) -> list[tuple]:
         rows.append((f"neighbourhood similarity (k = {v['k']})", float(v["similarity"])))
     rows.append(("analysis time", f"{seconds:.1f} s"))
     return rows
+
+
+def _requested(clusters: dict) -> str:
+    """``" of 20 requested"`` when k-means kept fewer clusters than ``n_clusters``, else ``""``."""
+    asked = clusters.get("k_requested")
+    return f" of {asked} requested" if asked is not None and asked != clusters.get("k") else ""
+
+
+def reconstruction_summary(groups: list[dict]) -> tuple[str, list[float]] | None:
+    """The FSC = 0.143 resolutions (Å) of one kind of reconstructed group and what they are.
+
+    The masked ones when every group with a resolution has one (``"masked, corrected"``, or
+    ``"masked"`` when some group's unmasked FSC never dropped below 0.8 so that its masked curve
+    is uncorrected), else the unmasked ones of all of them (``"unmasked"``): values of different
+    kinds are never put under one label. ``None`` when no group has a resolution.
+    """
+    scored = [g for g in groups if g.get("res_0.143_unmasked")]
+    if not scored:
+        return None
+    if all(g.get("res_0.143_masked") for g in scored):
+        corrected = all(g.get("randomise_from_angstrom") is not None for g in scored)
+        return ("masked, corrected" if corrected else "masked"), [
+            g["res_0.143_masked"] for g in scored
+        ]
+    return "unmasked", [g["res_0.143_unmasked"] for g in scored]
 
 
 def finite(obj):
@@ -151,12 +174,12 @@ def print_summary(metrics: dict, report_path: Path) -> None:
     table.add_column("value", justify="right")
     table.add_row("particles", str(metrics.get("n_particles")))
     if "clusters" in metrics:
-        table.add_row("clusters", str(metrics["clusters"]["k"]))
+        table.add_row("clusters", f"{metrics['clusters']['k']}{_requested(metrics['clusters'])}")
     for kind, groups in (metrics.get("reconstructed") or {}).items():
-        res = [g.get("res_0.143_masked") or g.get("res_0.143_unmasked") for g in groups]
-        res = [r for r in res if r]
-        if res:
-            table.add_row(f"{kind} FSC=0.143 masked (Å)", f"{min(res):.3g}-{max(res):.3g}")
+        summary = reconstruction_summary(groups)
+        if summary:
+            label, res = summary
+            table.add_row(f"{kind} FSC=0.143 (Å, {label})", f"{min(res):.3g}-{max(res):.3g}")
     for label, text in (metrics.get("headline") or {}).items():
         table.add_row(label, str(text))
     gt = metrics.get("ground_truth") or {}
