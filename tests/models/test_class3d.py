@@ -282,3 +282,14 @@ def test_class_resolution_is_relions_ssnr_estimate_or_the_half_set_fsc():
     assert half.needs_half_set_fsc and not cfg.needs_half_set_fsc
     assert 32 * 2.0 / 6 <= class_resolution(half, fsc, dvp, 12) <= 32 * 2.0 / 5   # crossing between shells 5 and 6
     assert Settings(box_size=32, apix=2.0, n_classes=2, tau2_source="fsc").needs_half_set_fsc
+
+
+@pytest.mark.parametrize("n_iterations", [0, 1])
+def test_fewer_than_two_iterations_are_refused(n_iterations):
+    """0 iterations trained nothing and left a run without a checkpoint (exit 0); 1 is only the
+    seeding iteration, whose classes are the random seed subsets, and no diagnostic ran."""
+    from hetero.models.class3d import Class3D
+
+    with pytest.raises(ValueError, match="n_iterations must be >= 2"):
+        Class3D(box_size=16, apix=2.0, n_classes=2, n_iterations=n_iterations, n_particles=10)
+    assert Class3D(box_size=16, apix=2.0, n_classes=2, n_iterations=2, n_particles=10).n_iterations == 2

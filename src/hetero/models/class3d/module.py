@@ -136,6 +136,10 @@ class Class3D(HeteroModel):
             raise ValueError(f"model.accumulator_dtype must be float32 or float64, got {accumulator_dtype!r}")
         if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
             raise ValueError("model.tau2_fudge must be > 0 and model.n_classes in 1..127")
+        if int(n_iterations) < 2:
+            # 0 trains nothing (no checkpoint); 1 is only the seeding iteration: random classes
+            raise ValueError(f"model.n_iterations must be >= 2 (the first is the seeding iteration; "
+                             f"the default is 30), got {n_iterations}")
         n_particles = data_info.get("n_particles")
         if n_particles is None:
             raise ValueError("Class3D needs n_particles (the data module's info())")
