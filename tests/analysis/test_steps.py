@@ -204,3 +204,44 @@ def test_clustering_step_refits_when_clusters_are_specks(tmp_path):
     kept = fake_context(tmp_path / "b", fake_result(z), ["n_clusters=12", "kmeans.min_cluster_fraction=0"])
     clustering(kept)
     assert kept.metrics["clusters"]["k"] == 12
+
+
+def _specks():
+    rng = np.random.default_rng(0)
+    return np.concatenate([np.repeat([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]], 100, axis=0)
+                           + rng.normal(0, 1e-3, (300, 2)), rng.uniform(1, 4, (4, 2))]).astype(np.float32)
+
+
+def test_subset_ids_beyond_the_clusters_kept_are_refused_at_clustering(tmp_path):
+    """subsets.clusters=[10] with n_clusters=12 was valid until k-means kept fewer clusters; it
+    failed only in the subsets step (after the reconstructions) with a traceback. Now a
+    ConfigError at the clustering step says why the ids shrank."""
+    from hetero.utils.errors import ConfigError
+
+    ctx = fake_context(tmp_path / "a", fake_result(_specks()), ["n_clusters=12", "subsets.clusters=[0,[1,10]]"])
+    with pytest.raises(ConfigError, match=r"ids \[10\] do not exist: k-means kept \d+ of the n_clusters=12"):
+        clustering(ctx)
+    ok = fake_context(tmp_path / "b", fake_result(_specks()), ["n_clusters=12", "subsets.clusters=[0,[1,2]]"])
+    clustering(ok)
+    assert ok.metrics["clusters"]["k"] < 12
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "1.5"])
+def test_min_cluster_fraction_outside_0_1_is_refused(tmp_path, fraction):
+    """Negative acted as 0 and >= the largest cluster's fraction silently kept every speck."""
+    from hetero.utils.errors import ConfigError
+
+    ctx = fake_context(tmp_path, fake_result(_specks()), ["n_clusters=12", f"kmeans.min_cluster_fraction={fraction}"])
+    with pytest.raises(ConfigError, match="min_cluster_fraction must be in"):
+        clustering(ctx)
+
+
+def test_empty_clusters_are_called_empty_not_small(tmp_path):
+    """On 3 distinct points with min_cluster_fraction=0 only empty clusters are refitted away; the
+    note must not tell the user to set the option they already set."""
+    z = np.repeat(np.eye(3, dtype=np.float32), 20, axis=0)
+    ctx = fake_context(tmp_path, fake_result(z), ["n_clusters=8", "kmeans.min_cluster_fraction=0"])
+    clustering(ctx)
+    assert ctx.metrics["clusters"]["k"] == 3
+    text = " ".join(ctx.sections["Clusters"])
+    assert "empty clusters" in text and "min_cluster_fraction=0 to keep" not in text

@@ -9,12 +9,15 @@ Writes ``clusters/labels.npy`` (N,), ``clusters/center_indices.npy`` (K,) and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+from omegaconf import ListConfig
 
 from hetero.analysis import latent as L
 from hetero.analysis import plots as P
 from hetero.analysis import report as R
+from hetero.utils.errors import ConfigError
 from hetero.utils.files import write_npy, write_text
 from hetero.utils.pylogger import RankedLogger
 
@@ -26,6 +29,24 @@ SECTION = "Clusters"
 def label_slug(name: str | None) -> str:
     """File-name form of a label name (``"voted state"`` -> ``"voted_state"``)."""
     return "".join(c if c.isalnum() else "_" for c in (name or "label").strip().lower()) or "label"
+
+
+def _check_subset_ids(cfg, k: int, k_requested: int) -> None:
+    """Refuse ``subsets.clusters`` ids beyond the clusters k-means kept, now rather than after the
+    reconstructions (the subsets step comes last)."""
+    sub = cfg.get("subsets")
+    wanted = sub.get("clusters") if sub is not None and sub.get("enabled", True) else None
+    if wanted is None:
+        return
+    ids = [int(c) for sel in wanted for c in (sel if isinstance(sel, Sequence | ListConfig) else [sel])]
+    bad = sorted({c for c in ids if not 0 <= c < k})
+    if bad:
+        shrunk = k != k_requested
+        why = (f"k-means kept {k} of the n_clusters={k_requested} clusters (kmeans.min_cluster_fraction; "
+               "see the warning above)" if shrunk else f"n_clusters={k}")
+        raise ConfigError(f"subsets.clusters: cluster ids {bad} do not exist: {why}, so the ids are "
+                          f"0..{k - 1}; choose among them"
+                          + (", or set kmeans.min_cluster_fraction=0" if shrunk else ""))
 
 
 def clustering(ctx) -> None:
@@ -41,17 +62,23 @@ def clustering(ctx) -> None:
     k = int(cfg.n_clusters)
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of particles ({n})")
+    fraction = float(cfg.kmeans.min_cluster_fraction)
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"kmeans.min_cluster_fraction must be in [0, 1), got {fraction:g}")
     task = ctx.progress.add_task(f"k-means (K={k})", total=None)
-    min_size = max(1, math.ceil(float(cfg.kmeans.min_cluster_fraction) * n))
+    min_size = max(1, math.ceil(fraction * n))
     km, tried = L.kmeans_without_specks(z, k, min_size, seed=int(cfg.kmeans.seed), n_init=int(cfg.kmeans.n_init))
     ctx.progress.update(task, total=1, completed=1)
     if len(tried) > 1:
-        note = (f"n_clusters={k}: k-means left clusters of fewer than {min_size} particles "
-                f"(kmeans.min_cluster_fraction={cfg.kmeans.min_cluster_fraction}); the embedding has fewer "
-                f"separated groups: refitted with K = {' -> '.join(map(str, tried[1:]))}. Set n_clusters to "
-                "choose, or kmeans.min_cluster_fraction=0 to keep the small clusters.")
+        small = ("empty clusters (the embedding has fewer distinct points)" if min_size == 1 else
+                 f"clusters of fewer than {min_size} particles (kmeans.min_cluster_fraction={fraction:g}); "
+                 "the embedding has fewer separated groups")
+        keep = "" if min_size == 1 else ", or kmeans.min_cluster_fraction=0 to keep the small clusters"
+        note = (f"n_clusters={k}: k-means left {small}: refitted with K = {' -> '.join(map(str, tried[1:]))} "
+                f"(clusters 0..{km.n_clusters - 1}). Set n_clusters to choose{keep}.")
         log.warning(note)
         blocks.append(R.paragraph(note))
+    _check_subset_ids(cfg, km.n_clusters, k)
     ctx.state["clusters"] = km
     folder = ctx.out / "clusters"
     ctx.files += [
