@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     a.k = a.k or a.n_states
+    a.workdir = a.workdir.resolve()  # RELION runs in the star file's folder
     data = [f"data.particles.kind={a.kind}", f"data.particles.n_states={a.n_states}",
             f"data.particles.n_particles={a.n_particles}", f"data.particles.box_size={a.box}",
             f"data.particles.pixel_size_angstrom={a.apix}", f"data.particles.snr={a.snr}",
