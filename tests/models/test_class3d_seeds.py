@@ -76,6 +76,7 @@ def test_every_seed_recovers_two_states_without_warning(tmp_path, caplog):
         if float(changes[-1]) > 0.01:
             moving.append(seed)
             assert len(warned) == 1 and "still changing" in warned[0] and "view" not in warned[0], warned
+            assert "(model.n_iterations)" in warned[0] and "init" not in warned[0], warned
         else:
             assert not warned, (seed, warned)
     assert min(aris) >= 0.8, aris

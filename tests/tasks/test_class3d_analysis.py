@@ -20,7 +20,8 @@ from tests.helpers import CONF_DIR, compose_train
 CLASS3D_RUN = [
     "model=class3d",
     "model.n_classes=2",
-    "trainer.max_epochs=5",
+    "model.n_iterations=5",
+    "trainer.max_epochs=5",  # compose_train sets 1
     "predict=true",
     "callbacks=default",
     "++callbacks.progress_bar=null",
@@ -95,3 +96,7 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     assert len(history) == 1 + 5 and history[0].startswith("iteration,current_resolution")
     report = (out / "report.html").read_text()
     assert "<h2>Classification</h2>" in report and "own class assignment" in report
+    # training's "still changing" warning is repeated where the result is read, exactly when due
+    last_changes = float(history[-1].split(",")[history[0].split(",").index("changes")])
+    assert metrics["class3d"]["settled"] == (last_changes <= 0.01)
+    assert ("still changing" in report) == (not metrics["class3d"]["settled"])

@@ -22,7 +22,11 @@ import numpy as np
 
 from hetero.analysis import report as R
 from hetero.data.io.star_writer import write_star
+from hetero.models.class3d.diagnostics import unsettled_message
 from hetero.utils.files import write_text
+from hetero.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__)
 
 SECTION = "Classification"
 
@@ -36,7 +40,12 @@ def class3d(ctx) -> None:
     history = _history_rows(model)
     ctx.files.append(write_text(out / "iterations.csv", _csv(history)))
     last = history[-1] if history else {}
+    unsettled = unsettled_message(model.hist_changes[-1]) if history else None
+    if unsettled:  # what training warned, repeated where the user reads the result
+        log.warning(f"class3d: {unsettled}")
+        blocks.append(R.paragraph(f"Warning: {unsettled}."))
     ctx.metrics["class3d"] = {
+        "settled": unsettled is None,
         "iterations": int(model.iteration),
         "class_fractions": [float(v) for v in model.prior[0].tolist()],
         "final_changes": last.get("changes"),

@@ -78,6 +78,12 @@ def clustering(ctx) -> None:
                 f"(clusters 0..{km.n_clusters - 1}). Set n_clusters to choose{keep}.")
         log.warning(note)
         blocks.append(R.paragraph(note))
+    elif int(km.counts.max()) < min_size:
+        note = (f"kmeans.min_cluster_fraction={fraction:g}: no cluster of the K = {k} fit holds {min_size} "
+                "particles, so none was refitted away and the fit is kept as it is; a fraction above "
+                "1 / n_clusters can never act.")
+        log.warning(note)
+        blocks.append(R.paragraph(note))
     _check_subset_ids(cfg, km.n_clusters, k)
     ctx.state["clusters"] = km
     folder = ctx.out / "clusters"

@@ -138,27 +138,41 @@ def class_diagnostics(
             "max_view_bias": float(z.max()) if k else 0.0, "messages": messages}
 
 
-def end_of_run_warning(facts: list[dict], changes: Tensor) -> str | None:
+def unsettled_message(changes: Tensor, iterations_key: str = "model.n_iterations") -> str | None:
+    """``"... still changing ..."`` when a replicate's last E-step moved more than
+    :data:`CONVERGED_CHANGES` of its particles, else None.
+
+    :param changes: ``(U,)`` fraction of particles whose best class changed in the last E-step
+        (NaN where it was not measured).
+    :param iterations_key: the config key that set the number of iterations (named in the advice).
+    """
+    values = [float(c) for c in changes.tolist()]
+    moving = [c for c in values if c > CONVERGED_CHANGES]
+    if not moving:
+        return None
+    return ((f"{len(moving)} of {len(values)} replicates are " if len(values) > 1 else "the classes are ")
+            + f"still changing: {100 * max(moving):.1f}% of the particles changed class in the last "
+            f"iteration (settled: <= {100 * CONVERGED_CHANGES:g}%); run more iterations ({iterations_key})")
+
+
+def end_of_run_warning(facts: list[dict], changes: Tensor, iterations_key: str = "model.n_iterations") -> str | None:
     """The one warning of a finished run (module docstring), or None.
 
     :param facts: :func:`class_diagnostics` of each replicate.
-    :param changes: ``(U,)`` fraction of particles whose best class changed in the last E-step
-        (NaN where it was not measured).
+    :param changes, iterations_key: as :func:`unsettled_message`.
     """
     u = len(facts)
     where = (lambda i: "") if u == 1 else (lambda i: f"replicate {i}: ")
     lines = [where(i) + m for i, f in enumerate(facts) for m in f["messages"]]
-    moving = [(i, float(c)) for i, c in enumerate(changes.tolist()) if c > CONVERGED_CHANGES]
-    if moving:
-        worst = max(c for _, c in moving)
-        lines.append((f"{len(moving)} of {u} replicates are " if u > 1 else "the classes are ")
-                     + f"still changing: {100 * worst:.1f}% of the particles changed class in the last "
-                     f"iteration (settled: <= {100 * CONVERGED_CHANGES:g}%); run more iterations "
-                     "(model.n_iterations)")
+    if lines:
+        lines.append("(degenerate classes: see conf/model/class3d.yaml, init)")
+    unsettled = unsettled_message(changes, iterations_key)
+    if unsettled:
+        lines.append(unsettled)
     if not lines:
         return None
-    return ("class3d: the classes look unstable or degenerate after the last iteration (check them "
-            "before using them; see conf/model/class3d.yaml, init):\n  " + "\n  ".join(lines))
+    return ("class3d: the classes look unstable or degenerate after the last iteration; check them "
+            "before using them:\n  " + "\n  ".join(lines))
 
 
 def replicate_diagnostics(maps: Tensor, sums: dict[str, Tensor], radius: Tensor) -> tuple[list[dict], dict]:

@@ -38,6 +38,37 @@ from hetero.models.class3d.mstep import (
 )
 from hetero.models.class3d.statistics import IterationStatistics
 from hetero.physics.fsc import fsc, fsc_resolution
+from hetero.utils.errors import ConfigError
+
+#: Initial references (``conf/model/class3d.yaml``, init).
+INITS = ("consensus", "random_subsets")
+
+
+def check_options(init: str, tau2_source: str, class_resolution: str, accumulator_dtype: str, tau2_fudge: float,
+                  n_classes: int, n_iterations: int) -> None:
+    """Refuse ``model.*`` values class3d cannot act on.
+
+    :raises ConfigError: naming the option, what it got and what it takes.
+    """
+    allowed = {"init": (init, INITS), "tau2_source": (tau2_source, ("power", "fsc")),
+               "class_resolution": (class_resolution, ("ssnr", "half_set_fsc")),
+               "accumulator_dtype": (accumulator_dtype, ("float32", "float64"))}
+    for name, (value, choices) in allowed.items():
+        if value not in choices:
+            raise ConfigError(f"model.{name} must be one of {', '.join(choices)}; got {value!r}")
+    if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
+        raise ConfigError(f"model.tau2_fudge must be > 0 and model.n_classes in 1..127; got {tau2_fudge}, {n_classes}")
+    if int(n_iterations) < 2:
+        # 0 trains nothing (no checkpoint); 1 is only the seeding iteration: random classes
+        raise ConfigError("model.n_iterations must be >= 2 (the first is the seeding iteration; the default is "
+                          f"30); got {n_iterations}")
+
+
+def iterations_key(trainer, n_iterations: int) -> str:
+    """The option that sets how many EM iterations run: ``trainer.max_epochs`` when a trainer
+    has one apart from ``n_iterations`` (it wins), else ``model.n_iterations``."""
+    epochs = getattr(trainer, "max_epochs", None)
+    return "trainer.max_epochs" if epochs is not None and epochs != int(n_iterations) else "model.n_iterations"
 
 
 @dataclass

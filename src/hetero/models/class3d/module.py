@@ -54,7 +54,13 @@ from hetero.models.class3d.estep import (
     significant,
 )
 from hetero.models.class3d.history import HISTORY, history_shapes, iteration_record
-from hetero.models.class3d.iteration import Settings, initial_references, update_references
+from hetero.models.class3d.iteration import (
+    Settings,
+    check_options,
+    initial_references,
+    iterations_key,
+    update_references,
+)
 from hetero.models.class3d.membership import build_membership, random_classes
 from hetero.models.class3d.points import HalfPlanePoints
 from hetero.models.class3d.statistics import (
@@ -65,11 +71,11 @@ from hetero.models.class3d.statistics import (
 from hetero.models.class3d.volumes import SolventMask
 from hetero.models.components.renderer import has_ctf
 from hetero.physics.ctf import ctf_table_compute
+from hetero.utils.errors import ConfigError
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
-INITS = ("consensus", "random_subsets")
 
 
 class Class3D(HeteroModel):
@@ -124,22 +130,10 @@ class Class3D(HeteroModel):
         **data_info,
     ) -> None:
         if template_size not in (None, box_size):
-            raise ValueError(f"model.template_size: class3d maps live on the training box ({box_size}), "
+            raise ConfigError(f"model.template_size: class3d maps live on the training box ({box_size}), "
                              f"got {template_size}; leave it null (use data.box_size to resample)")
         super().__init__(box_size, apix, None, optimizer, scheduler, render_method, **data_info)
-        if init not in INITS:
-            raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
-        if tau2_source not in ("power", "fsc") or class_resolution not in ("ssnr", "half_set_fsc"):
-            raise ValueError("model.tau2_source must be 'power' or 'fsc' and model.class_resolution 'ssnr' or "
-                             f"'half_set_fsc', got {tau2_source!r}, {class_resolution!r}")
-        if accumulator_dtype not in ("float32", "float64"):
-            raise ValueError(f"model.accumulator_dtype must be float32 or float64, got {accumulator_dtype!r}")
-        if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
-            raise ValueError("model.tau2_fudge must be > 0 and model.n_classes in 1..127")
-        if int(n_iterations) < 2:
-            # 0 trains nothing (no checkpoint); 1 is only the seeding iteration: random classes
-            raise ValueError(f"model.n_iterations must be >= 2 (the first is the seeding iteration; "
-                             f"the default is 30), got {n_iterations}")
+        check_options(init, tau2_source, class_resolution, accumulator_dtype, tau2_fudge, n_classes, n_iterations)
         n_particles = data_info.get("n_particles")
         if n_particles is None:
             raise ValueError("Class3D needs n_particles (the data module's info())")
@@ -220,10 +214,10 @@ class Class3D(HeteroModel):
 
     # ------------------------------------------------------------------ training (EM)
     def on_fit_start(self) -> None:
-        epochs = self.trainer.max_epochs
-        if epochs is not None and epochs != self.n_iterations:  # e.g. a resumed run extended
-            log.warning("class3d: running trainer.max_epochs=%s EM iterations (one epoch is one iteration), "
-                        "not model.n_iterations=%d; set model.n_iterations for a new run", epochs, self.n_iterations)
+        if iterations_key(self.trainer, self.n_iterations) != "model.n_iterations":  # e.g. a resumed run extended
+            log.warning("class3d: running trainer.max_epochs=%s EM iterations (one epoch is one iteration), not "
+                        "model.n_iterations=%d; set model.n_iterations for a new run", self.trainer.max_epochs,
+                        self.n_iterations)
 
     def on_train_epoch_start(self) -> None:
         first = int(self.iteration) == 0
@@ -358,7 +352,8 @@ class Class3D(HeteroModel):
         if it > 0:
             facts, values = replicate_diagnostics(refs.maps, stats.sums, self.radius)
             logs.update(values)
-            warning = end_of_run_warning(facts, row["hist_changes"]) if last else None
+            key = iterations_key(self._trainer, self.n_iterations)
+            warning = end_of_run_warning(facts, row["hist_changes"], key) if last else None
             if warning:
                 log.warning(warning)
         self._epoch_logs = logs
