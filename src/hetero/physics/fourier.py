@@ -202,9 +202,9 @@ def randomise_phases_beyond(
     dims = (-3, -2, -1)
     size = x.shape[-3:]
     f = torch.fft.fftn(x, dim=dims)
-    axes = [torch.fft.fftfreq(n, 1.0 / n, device=x.device, dtype=torch.float64) for n in size]
-    kz, ky, kx = torch.meshgrid(*axes, indexing="ij")
-    beyond = (kz**2 + ky**2 + kx**2) >= float(shell) ** 2
+    # |k| of the uncentred spectrum: the centred radius grid, shifted back
+    radius = torch.fft.ifftshift(radius_grid(tuple(size), device=x.device, dtype=torch.float64))
+    beyond = radius**2 >= float(shell) ** 2
     gen_device = generator.device if generator is not None else torch.device("cpu")
     t = torch.rand(f.shape, generator=generator, device=gen_device, dtype=torch.float64)
     t = t.to(x.device) * (2 * math.pi)
