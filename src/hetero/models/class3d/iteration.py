@@ -27,6 +27,7 @@ from hetero.models.class3d.mstep import (
     class_priors,
     current_radius,
     half_set_fsc,
+    last_ssnr_shell,
     lowpass,
     noise_spectrum,
     perturb,
@@ -146,9 +147,7 @@ def class_resolution(cfg: Settings, fsc_k: Tensor | None, data_vs_prior: Tensor 
         return fsc_resolution(fsc_k.float(), cfg.box_size, cfg.apix, threshold=0.143)
     if data_vs_prior is None or not bool((data_vs_prior > 0).any()):
         return float("nan")
-    below = torch.nonzero(data_vs_prior[1 : int(r_max) + 1] < 1).flatten()
-    shell = max(int(below[0]) if below.numel() else int(r_max), 1)
-    return cfg.box_size * cfg.apix / shell
+    return cfg.box_size * cfg.apix / max(last_ssnr_shell(data_vs_prior, int(r_max) + 1), 1)
 
 
 def _class_fsc(stats: IterationStatistics, cfg: Settings, c: int, r_max: int, consensus: bool = False):

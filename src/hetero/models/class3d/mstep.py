@@ -210,6 +210,13 @@ def regularised_reconstruct(
     return reg.reconstruct(wiener_snr=1e30, r_max=reconstructed_radius(acc, r_max)).float(), dvp
 
 
+def last_ssnr_shell(data_vs_prior: Tensor, end: int) -> int:
+    """The last shell before ``data_vs_prior (S,)`` first drops below 1, searching shells
+    ``1 .. end - 1`` (``end - 1`` when it never does): RELION's resolution of a class."""
+    below = torch.nonzero(data_vs_prior[1:int(end)] < 1).flatten()
+    return (int(below[0]) + 1 if below.numel() else int(end)) - 1
+
+
 def current_radius(
     data_vs_prior: Tensor, prior: Tensor, box_size: int, incr_size: int = 10, minres_map: int = 5
 ) -> int:
@@ -225,9 +232,7 @@ def current_radius(
     for k in range(data_vs_prior.shape[0]):
         if float(prior[k]) <= 0:
             continue
-        below = torch.nonzero(data_vs_prior[k, 1:nyquist] < 1).flatten()
-        first = int(below[0]) + 1 if below.numel() else nyquist
-        maxres = max(maxres, first - 1)
+        maxres = max(maxres, last_ssnr_shell(data_vs_prior[k], nyquist))
     maxres = max(maxres, int(minres_map))
     return min(nyquist, maxres + int(incr_size))
 
