@@ -12,10 +12,17 @@ give them):
   labels = ``rlnClassNumber`` of ``run_itNNN_data.star`` (matched to the input by image name);
 * ``oracle``: the physical limit of classification (:mod:`hetero.data.synthetic.oracle`).
 
-Both are scored by ARI/AMI of their labels against the true states (and as a fraction of the
-oracle's ARI), with wall time (``hetero`` includes start-up and the inference pass) and peak
+* ``alphacryo4d`` (optional): ``train.py model=alphacryo4d`` on the same particles (voted states;
+  discarded particles are labelled -1).
+
+All are scored by the same function: ARI/AMI of their labels against the true states over the
+kept particles (and as a fraction of the oracle's ARI), per-state precision and recall after a
+one-to-one (Hungarian) matching of classes to states, macro-averaged (discarded particles are
+misses), the paper's majority-labelled precision/recall and the discarded fraction, with wall time (``hetero`` includes start-up and the inference pass) and peak
 resident memory. Writes JSON (``--out``) and prints a Markdown table for ``docs/benchmarks.md``.
-RELION is optional: without ``relion_refine`` on PATH its row is skipped (logged).
+RELION is optional: without ``relion_refine`` on PATH its row is skipped (logged). ``--merge``
+keeps the rows (and the oracle) of ``--out`` for methods not run now; ``--rescore`` recomputes
+their scores from their outputs still in ``--workdir`` (``--methods`` with no name: rescore only).
 
 Example usage (the second: the sets of the accuracy benchmark, bench_accuracy.py, whose
 OPUS-DSD / cryoDRGN / homogeneous rows are on the same particles)::
@@ -24,12 +31,15 @@ OPUS-DSD / cryoDRGN / homogeneous rows are on the same particles)::
         --box 32 --snr 0.05 --iterations 15 --threads 1 --out docs/bench_class3d_relion.json
     nice -n 10 python benchmarks/bench_class3d_relion.py --n-states 8 --n-particles 5000 --box 64 \
         --apix 3 --train-box 32 --snr 0.05 --iterations 15 --out docs/bench_class3d_relion_discrete8.json
+    nice -n 10 python benchmarks/bench_class3d_relion.py --methods alphacryo4d --a4d-classes 8 --merge \
+        --n-states 8 ... --workdir logs/bench_class3d_relion8 --out docs/bench_class3d_relion_discrete8.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,8 +56,43 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def scores(truth: np.ndarray, labels: np.ndarray) -> dict:
-    return {"ari": float(adjusted_rand_score(truth, labels)), "ami": float(adjusted_mutual_info_score(truth, labels)),
-            "class_sizes": np.bincount(labels[labels >= 0]).tolist()}
+    """The same scores for every method: ARI/AMI over the kept particles (``labels >= 0``), class
+    sizes, per-state precision and recall after a one-to-one (Hungarian) matching of classes to
+    true states (discarded particles are misses), the AlphaCryo4D paper's majority-labelled
+    precision and recall (:func:`hetero.analysis.classification.classification_scores`) and the
+    discarded fraction."""
+    from hetero.analysis.classification import classification_scores, matched_precision_recall
+
+    kept = labels >= 0
+    matched = matched_precision_recall(truth, labels)
+    majority = classification_scores(truth, labels)
+    return {"ari": float(adjusted_rand_score(truth[kept], labels[kept])),
+            "ami": float(adjusted_mutual_info_score(truth[kept], labels[kept])),
+            "class_sizes": np.bincount(labels[kept]).tolist(),
+            "discard_fraction": matched["discard_fraction"],
+            "precision_matched": matched["precision_macro"], "recall_matched": matched["recall_macro"],
+            "precision_per_state": matched["precision"], "recall_per_state": matched["recall"],
+            "precision_majority": majority["precision_mean"], "recall_majority": majority["recall_mean"],
+            "states_found_majority": majority["states_found"]}
+
+
+def hetero_labels(run_dir: Path) -> np.ndarray:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return np.load(run_dir / manifest["parts"]["latents"]["path"] / "class_number.npy").astype(np.int64)
+
+
+def relion_labels(out: Path, iterations: int, star: Path) -> np.ndarray:
+    """``rlnClassNumber - 1`` of ``run_itNNN_data.star`` in the order of ``star`` (matched by image name)."""
+    data = starfile.read(out / f"run_it{iterations:03d}_data.star")["particles"]
+    names = starfile.read(star)["particles"]["rlnImageName"].tolist()
+    order = {n: i for i, n in enumerate(names)}
+    labels = np.full(len(names), -1, dtype=np.int64)
+    labels[[order[n] for n in data["rlnImageName"]]] = data["rlnClassNumber"].to_numpy() - 1
+    return labels
+
+
+def alphacryo4d_labels(run_dir: Path) -> np.ndarray:
+    return np.load(run_dir / "alphacryo4d" / "voting" / "labels.npy").astype(np.int64)
 
 
 def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
@@ -57,10 +102,9 @@ def run_hetero(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
            f"model.tau2_fudge={a.tau2}", f"model.init={a.init}", f"model.particle_diameter={a.diameter:.2f}", "predict=true", "data.val_fraction=0", f"data.num_workers={a.threads - 1}",
            "logger=csv", "extras.print_config=false", *data, f"hydra.run.dir={run_dir}"]
     seconds, peak = run_measured(cmd, workdir / "hetero-train.log", cwd=REPO)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    labels = np.load(run_dir / manifest["parts"]["latents"]["path"] / "class_number.npy")
+    labels = hetero_labels(run_dir)
     name = f"hetero class3d (init={a.init})"
-    return {"method": name, "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
+    return {"method": name, "key": "hetero", "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / a.iterations, 2),
             "peak_rss_mb": round(peak), **scores(truth, labels)}
 
 
@@ -79,12 +123,8 @@ def run_relion(a, star: Path, diameter: float, workdir: Path, truth: np.ndarray)
            "--flatten_solvent", "--zero_mask", "--ctf", "--skip_align", "--strict_highres_exp", "10", "--pad", "2",
            "--j", a.threads, "--pool", "30", "--dont_combine_weights_via_disc", "--random_seed", "0"]
     seconds, peak = run_measured(cmd, out / "refine.log", cwd=star.parent)
-    data = starfile.read(out / f"run_it{a.iterations:03d}_data.star")["particles"]
-    names = starfile.read(star)["particles"]["rlnImageName"].tolist()
-    order = {n: i for i, n in enumerate(names)}
-    labels = np.full(len(names), -1, dtype=np.int64)
-    labels[[order[n] for n in data["rlnImageName"]]] = data["rlnClassNumber"].to_numpy() - 1
-    return {"method": "RELION 3.1.3 relion_refine --skip_align", "seconds": round(seconds + rec_s, 1),
+    labels = relion_labels(out, a.iterations, star)
+    return {"method": "RELION 3.1.3 relion_refine --skip_align", "key": "relion", "seconds": round(seconds + rec_s, 1),
             "seconds_per_iteration": round(seconds / a.iterations, 2), "peak_rss_mb": round(peak),
             **scores(truth, labels)}
 
@@ -101,32 +141,69 @@ def run_alphacryo4d(a, data: list[str], workdir: Path, truth: np.ndarray) -> dic
            f"alphacryo4d.resampling.classifier.n_classes={a.a4d_classes}",
            f"alphacryo4d.resampling.classifier.n_iterations={a.iterations}",
            f"+alphacryo4d.resampling.classifier.tau2_fudge={a.tau2}",
+           f"+alphacryo4d.resampling.classifier.particle_diameter={a.diameter:.2f}",
            f"alphacryo4d.manifold.tsne.perplexity={min(30, max(2, (n_volumes - 1) // 3))}",
            "alphacryo4d.path.states=minima", f"alphacryo4d.path.k={a.n_states}",
            f"data.num_workers={a.threads - 1}", "logger=csv", "extras.print_config=false", *data,
            f"hydra.run.dir={run_dir}"]
     seconds, peak = run_measured(cmd, workdir / "alphacryo4d-train.log", cwd=REPO)
-    labels = np.load(run_dir / "alphacryo4d" / "voting" / "labels.npy").astype(np.int64)
+    return alphacryo4d_row(a, run_dir, seconds, peak, truth)
+
+
+def alphacryo4d_row(a, run_dir: Path, seconds: float, peak: float, truth: np.ndarray) -> dict:
+    """The AlphaCryo4D row from a finished run: voted labels, stage times, the string's settling."""
+    n_volumes = (a.a4d_fold + 1) * a.a4d_classes
+    labels = alphacryo4d_labels(run_dir)
     kept = labels >= 0
     pipeline = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
     stages = {name: round(float(rec.get("seconds", 0.0)), 1) for name, rec in pipeline.items()}
-    row = {"method": f"hetero alphacryo4d (M={a.a4d_fold}, {n_volumes} volumes, voted states)",
+    path = {k: v for k, v in pipeline.get("path", {}).get("summary", {}).items() if k != "state_centers"}
+    row = {"method": f"hetero alphacryo4d (M={a.a4d_fold}, {n_volumes} volumes, voted states)", "key": "alphacryo4d",
            "seconds": round(seconds, 1), "seconds_per_iteration": round(stages.get("resampling", seconds) / a.iterations, 2),
-           "peak_rss_mb": round(peak), **scores(truth[kept], labels[kept]),
-           "labelled_fraction": float(kept.mean()), "stage_seconds": stages}
-    row["class_sizes"] = np.bincount(labels[kept]).tolist() + [f"discarded {int((~kept).sum())}"]
+           "peak_rss_mb": round(peak), **scores(truth, labels),
+           "labelled_fraction": float(kept.mean()), "stage_seconds": stages, "path": path,
+           "settings": {"fold": a.a4d_fold, "classes_per_union": a.a4d_classes, "iterations": a.iterations}}
     return row
 
 
+def _f(v, d: int = 3) -> str:
+    return "-" if v is None else f"{v:.{d}f}"
+
+
 def markdown(rows: list[dict], oracle: dict) -> str:
-    lines = ["| method | ARI | ARI / oracle | AMI | class sizes | wall (s) | s / iteration | peak RSS (MB) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| method | ARI (kept) | ARI / oracle | AMI | precision | recall | discarded | class sizes | wall (s) | "
+             "s / iteration | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         frac = r["ari"] / oracle["ari"] if oracle["ari"] > 0 else float("nan")
-        lines.append(f"| {r['method']} | {r['ari']:.3f} | {frac:.2f} | {r['ami']:.3f} | {r['class_sizes']} | "
+        lines.append(f"| {r['method']} | {r['ari']:.3f} | {frac:.2f} | {r['ami']:.3f} | {_f(r.get('precision_matched'))} | "
+                     f"{_f(r.get('recall_matched'))} | {_f(r.get('discard_fraction'), 2)} | {r['class_sizes']} | "
                      f"{r['seconds']:.0f} | {r['seconds_per_iteration']:.2f} | {r['peak_rss_mb']} |")
-    lines.append(f"| oracle | {oracle['ari']:.3f} | 1.00 | {oracle['ami']:.3f} | | {oracle['seconds']:.0f} | | |")
+    lines.append(f"| oracle | {oracle['ari']:.3f} | 1.00 | {oracle['ami']:.3f} | | | | | {oracle['seconds']:.0f} | | |")
     return "\n".join(lines)
+
+
+def row_key(row: dict) -> str:
+    """``hetero`` / ``relion`` / ``alphacryo4d`` (rows written before the key existed: by name)."""
+    if "key" in row:
+        return row["key"]
+    return "relion" if row["method"].startswith("RELION") else row["method"].split()[1].replace("class3d", "hetero")
+
+
+def rescore(rows: list[dict], a, star: Path, truth: np.ndarray) -> None:
+    """Recompute the scores of ``rows`` (kept from ``--out``) from their runs' outputs in ``--workdir``
+    (no rerun); the recomputed ARI must equal the stored one (same particles, same labels)."""
+    for row in rows:
+        key = row_key(row)
+        if key == "hetero":
+            labels = hetero_labels(a.workdir / "hetero")
+        elif key == "relion":
+            labels = relion_labels(a.workdir / "relion", a.iterations, star)
+        else:
+            labels = alphacryo4d_labels(a.workdir / "alphacryo4d")
+        new = scores(truth, labels)
+        if abs(new["ari"] - row["ari"]) > 1e-9:
+            raise SystemExit(f"--rescore: {row['method']}: ARI {new['ari']} from {a.workdir} != stored {row['ari']}")
+        row.update(new, key=key)
 
 
 def main() -> None:
@@ -145,12 +222,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", default="random_subsets", choices=["consensus", "random_subsets"],
                    help="hetero's model.init (random_subsets: RELION's random seeds from one --ref)")
-    p.add_argument("--methods", nargs="+", default=["hetero", "relion"],
+    p.add_argument("--methods", nargs="*", default=["hetero", "relion"],
                    choices=["hetero", "relion", "alphacryo4d"])
     p.add_argument("--a4d-fold", type=int, default=3, help="AlphaCryo4D: M (every particle in M unions)")
     p.add_argument("--a4d-classes", type=int, default=6, help="AlphaCryo4D: classes per union")
     p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of --out for methods not run now, and its oracle (same dataset only)")
+    p.add_argument("--rescore", action="store_true",
+                   help="with --merge: recompute the kept rows' scores from their outputs in --workdir")
     a = p.parse_args()
     a.k = a.k or a.n_states
     a.workdir = a.workdir.resolve()  # RELION runs in the star file's folder
@@ -164,6 +245,18 @@ def main() -> None:
 
     truth = np.asarray(load_truth(ds.truth_dir)["labels"])
     a.workdir.mkdir(parents=True, exist_ok=True)
+    dataset = {"name": ds.name, "kind": a.kind, "n_states": a.n_states, "n_particles": a.n_particles, "box": a.box,
+               "apix": a.apix, "snr": a.snr, "train_box": a.train_box or a.box}
+    previous, oracle = [], None
+    if a.merge and a.out and a.out.exists():
+        old = json.loads(a.out.read_text())
+        if {"name": ds.name, **old["dataset"]} != dataset or old["settings"]["iterations"] != a.iterations:
+            raise SystemExit(f"--merge: {a.out} holds another dataset or settings: {old['dataset']}, {old['settings']}")
+        previous = [{"date": old["date"], "command": old["command"], **r} for r in old["rows"]
+                    if row_key(r) not in a.methods]
+        oracle = old["oracle"]
+        if a.rescore:
+            rescore(previous, a, star, truth)
     # class3d's default particle_diameter at the particles' box, given to both
     diameter = a.diameter = (a.box - 5.0) * a.apix
     rows = []
@@ -175,13 +268,17 @@ def main() -> None:
             rows.append(row)
     if "alphacryo4d" in a.methods:
         rows.append(run_alphacryo4d(a, data, a.workdir, truth))
-    oracle = run_oracle(ds)
+    stamp = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "load_average": list(os.getloadavg())}
+    rows = [{**stamp, **r} for r in rows]
+    order = ["hetero", "relion", "alphacryo4d"]
+    rows = sorted(previous + rows, key=lambda r: order.index(row_key(r)))
+    oracle = oracle or run_oracle(ds)
     table = markdown(rows, oracle)
     print(table)
     if a.out:
         result = {"date": date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv),
-                  "dataset": {"kind": a.kind, "n_states": a.n_states, "n_particles": a.n_particles, "box": a.box,
-                              "apix": a.apix, "snr": a.snr, "train_box": a.train_box or a.box},
+                  "load_average": list(os.getloadavg()),
+                  "dataset": dataset,
                   "settings": {"K": a.k, "init": a.init, "iterations": a.iterations, "tau2_fudge": a.tau2, "threads": a.threads},
                   "rows": rows, "oracle": oracle, "markdown": table}
         a.out.write_text(json.dumps(result, indent=2) + "\n")
