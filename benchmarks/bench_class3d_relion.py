@@ -250,10 +250,13 @@ def main() -> None:
     previous, oracle = [], None
     if a.merge and a.out and a.out.exists():
         old = json.loads(a.out.read_text())
-        if {"name": ds.name, **old["dataset"]} != dataset or old["settings"]["iterations"] != a.iterations:
-            raise SystemExit(f"--merge: {a.out} holds another dataset or settings: {old['dataset']}, {old['settings']}")
-        previous = [{"date": old["date"], "command": old["command"], **r} for r in old["rows"]
-                    if row_key(r) not in a.methods]
+        if {"name": ds.name, **old["dataset"]} != dataset:
+            raise SystemExit(f"--merge: {a.out} holds another dataset: {old['dataset']}")
+        # every row keeps its own EM iterations (a method rerun with fewer says so in its row)
+        previous = [{"date": old["date"], "command": old["command"], "iterations": old["settings"]["iterations"], **r}
+                    for r in old["rows"] if row_key(r) not in a.methods]
+        if a.rescore and any(r["iterations"] != a.iterations for r in previous):
+            raise SystemExit("--rescore: give the kept rows' --iterations (RELION's data star of that iteration)")
         oracle = old["oracle"]
         if a.rescore:
             rescore(previous, a, star, truth)
@@ -268,7 +271,8 @@ def main() -> None:
             rows.append(row)
     if "alphacryo4d" in a.methods:
         rows.append(run_alphacryo4d(a, data, a.workdir, truth))
-    stamp = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "load_average": list(os.getloadavg())}
+    stamp = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
+             "iterations": a.iterations}
     rows = [{**stamp, **r} for r in rows]
     order = ["hetero", "relion", "alphacryo4d"]
     rows = sorted(previous + rows, key=lambda r: order.index(row_key(r)))
