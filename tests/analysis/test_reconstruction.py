@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hetero.analysis.reconstruction import plan_batches, reconstruct_groups
+from hetero.analysis.resolution import fsc_table
 from hetero.data.datamodule import ParticleDataModule
 from hetero.data.synthetic import SyntheticDataset, load_truth
 from hetero.physics.ctf import compute_ctf, ctf_table_compute
@@ -217,7 +218,17 @@ def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
         "fsc_masked_uncorrected,fsc_phase_randomised"
     )
     assert len(csv) == fakes.BOX // 2 + 2
+    table = [line.split(",") for line in (folder / "resolution.csv").read_text().splitlines()]
+    row = dict(zip(table[0], table[1]))
+    assert 0 < float(row["mask_fraction"]) < 1
+    assert float(row["res_0.5_masked_uncorrected"]) == pytest.approx(rows[0]["res_0.5_masked_uncorrected"], rel=1e-3)
     assert "<h3>clusters</h3>" in "".join(ctx.sections["Reconstructed maps"])
+
+
+def test_fsc_table_keeps_a_column_for_an_absent_curve():
+    text = fsc_table({"fsc_unmasked": [1.0, 0.5, 0.1], "fsc_masked": None}, 4, 2.0).splitlines()
+    assert text[0].endswith("fsc_unmasked,fsc_masked")
+    assert text[2].split(",")[3:] == ["0.500000", ""]
 
 
 def test_two_processes_all_reduce_to_the_one_process_maps(tmp_path):

@@ -132,7 +132,9 @@ RESOLUTION_KEYS = (
     "res_0.5_unmasked",
     "res_0.5_masked",
     "res_0.143_masked_uncorrected",
+    "res_0.5_masked_uncorrected",
     "randomise_from_angstrom",
+    "mask_fraction",
 )
 
 
