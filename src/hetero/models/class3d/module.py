@@ -87,6 +87,7 @@ class Class3D(HeteroModel):
     embedding_key = "posterior"
     labels_key = "class_number"
     label_name = "class"
+    label_first = 1  # class_001 = rlnClassNumber 1, as RELION's run_class001.mrc
     can_decode = False
     #: The EM sufficient statistics of the running iteration live in plain attributes (the
     #: posterior-weighted backprojections are U x K x 2 padded volumes): a checkpoint is only
