@@ -93,6 +93,19 @@ def test_decoder_random_last_layer_option():
         DeformationDecoder(zdim=4, box_size=64, out_init_std=-1.0)
 
 
+def test_encoder_logstd_init_option():
+    """model.encoder_logstd_init sets the log-sigma head's bias; null keeps PyTorch's default
+    init (uniform, never exactly the constant)."""
+    m = small_model(encoder_logstd_init=-3.0)
+    for vae in m.halves:
+        torch.testing.assert_close(vae.encoder.logstd.bias, torch.full((3,), -3.0))
+    with torch.no_grad():
+        m.halves[0].encoder.logstd.weight.zero_()
+    _, logstd = m.halves[0].encoder(torch.randn(2, 16, 16))
+    torch.testing.assert_close(logstd, torch.full((2, 3), -3.0))
+    assert not torch.all(small_model().halves[0].encoder.logstd.bias == -3.0)
+
+
 def test_encoder_lowpass_removes_frequencies_beyond_the_cut():
     """model.encoder_lowpass: the encoder sees the image low-passed (a pattern beyond the cut
     vanishes, one inside it stays); a cut beyond Nyquist is refused."""

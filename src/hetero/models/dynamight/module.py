@@ -75,7 +75,7 @@ class DynaMight(HeteroModel):
         particle_diameter: float | None = None, soft_edge: float = 20.0,
         encoder_hidden: list[int] | tuple[int, ...] = (256, 128), encoder_pool: int = 2,
         encoder_final_activation: str = "relu", encoder_phase_flip: bool = False,
-        encoder_lowpass: float | None = None,
+        encoder_lowpass: float | None = None, encoder_logstd_init: float | None = None,
         n_frequencies: int = 10,
         decoder_layers: int = 8, decoder_width: int = 32, decoder_out_init_std: float = 0.0,
         initial_threshold: float | None = None, initial_quantile: float = 0.99,
@@ -109,7 +109,7 @@ class DynaMight(HeteroModel):
         self.particle_diameter = float(particle_diameter or extent - soft_edge)
         vae = dict(
             encoder=dict(hidden=_plain(encoder_hidden), pool=int(encoder_pool),
-                         final_activation=encoder_final_activation),
+                         final_activation=encoder_final_activation, logstd_init=encoder_logstd_init),
             decoder=dict(n_frequencies=n_frequencies, n_layers=decoder_layers, width=decoder_width,
                          out_init_std=float(decoder_out_init_std)),
             consensus=dict(initial_width_px=initial_width_px, min_width_px=min_width_px,
