@@ -154,6 +154,27 @@ def oracle(overrides: list[str]) -> dict:
             "t_pearson": float(res["t_pearson"]), "t_rmse": float(res["t_rmse"]), "ari": float(res["ari"])}
 
 
+def table(records: list[dict]) -> str:
+    """Markdown: one row per (variant, epochs), every seed's half-set scores listed."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("variant") != "oracle":
+            rows.setdefault((r["variant"], r["epochs"]), []).append(r)
+    lines = ["| variant | overrides | epochs | seeds | Spearman half 1 / 2 per seed | mean of the "
+             "lower half | KL half 1 / 2 per seed | both >= 0.5 |",
+             "|---|---|---:|---:|---|---:|---|---:|"]
+    for (name, epochs), rs in rows.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        sp = "; ".join(f"{r['spearman_half1']:.2f} / {r['spearman_half2']:.2f}" for r in rs)
+        kl = "; ".join(f"{r['kl_half1']:.2g} / {r['kl_half2']:.2g}" for r in rs)
+        low = np.mean([min(r["spearman_half1"], r["spearman_half2"]) for r in rs])
+        ok = sum(min(r["spearman_half1"], r["spearman_half2"]) >= 0.5 for r in rs)
+        ov = ", ".join(f"`{o}`" for o in rs[0]["overrides"]) or "(defaults)"
+        lines.append(f"| {name} | {ov} | {epochs} | {', '.join(str(r['seed']) for r in rs)} | {sp} | "
+                     f"{low:.2f} | {kl} | {ok} of {len(rs)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", default=None, metavar="NAME=OVERRIDES",
@@ -169,7 +190,11 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
     p.add_argument("--out", default=None, help="JSON list the records are appended to")
     p.add_argument("--oracle", action="store_true", help="score the maximum-likelihood oracle instead")
+    p.add_argument("--table", default=None, metavar="JSON", help="only print the Markdown table of a result file")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     torch.set_num_threads(args.threads)
     variants = {}
     for spec in args.variant or ["base="]:
