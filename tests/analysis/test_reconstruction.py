@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hetero.analysis.reconstruction import plan_batches, reconstruct_groups
+from hetero.analysis.resolution import fsc_table
 from hetero.data.datamodule import ParticleDataModule
 from hetero.data.synthetic import SyntheticDataset, load_truth
 from hetero.physics.ctf import compute_ctf, ctf_table_compute
@@ -217,7 +218,17 @@ def test_planted_two_states_give_clusters_better_than_the_consensus(tmp_path):
         "fsc_masked_uncorrected,fsc_phase_randomised"
     )
     assert len(csv) == fakes.BOX // 2 + 2
+    table = [line.split(",") for line in (folder / "resolution.csv").read_text().splitlines()]
+    row = dict(zip(table[0], table[1]))
+    assert 0 < float(row["mask_fraction"]) < 1
+    assert float(row["res_0.5_masked_uncorrected"]) == pytest.approx(rows[0]["res_0.5_masked_uncorrected"], rel=1e-3)
     assert "<h3>clusters</h3>" in "".join(ctx.sections["Reconstructed maps"])
+
+
+def test_fsc_table_keeps_a_column_for_an_absent_curve():
+    text = fsc_table({"fsc_unmasked": [1.0, 0.5, 0.1], "fsc_masked": None}, 4, 2.0).splitlines()
+    assert text[0].endswith("fsc_unmasked,fsc_masked")
+    assert text[2].split(",")[3:] == ["0.500000", ""]
 
 
 def test_two_processes_all_reduce_to_the_one_process_maps(tmp_path):
@@ -270,3 +281,26 @@ def test_preweight_iterations_act_and_empty_halves_are_zero():
     assert not torch.allclose(
         maps[2].half1, maps[10].half1, atol=1e-3 * float(maps[10].half1.abs().max())
     )
+
+
+def test_a_partition_repeated_under_other_numbers_is_reconstructed_once(monkeypatch):
+    import hetero.analysis.reconstruction as rec
+
+    n, d = 30, 10
+    gen = torch.Generator().manual_seed(6)
+    images, rot = torch.randn(n, d, d, generator=gen), random_rotations(n, generator=gen)
+    half, labels = np.arange(n) % 2, np.arange(n) % 3
+    labels[[0, 1]] = -1
+    renumbered = np.where(labels >= 0, np.array([2, 0, 1])[labels], -1)  # group g -> (2, 0, 1)[g]
+    other = (np.arange(n) // 10).astype(np.int64)                     # a different partition
+    assert rec.same_partitions({"a": labels, "b": other}) == {}
+    built = []
+    real = rec._group_maps
+    monkeypatch.setattr(rec, "_group_maps", lambda name, g, *a: built.append((name, g)) or real(name, g, *a))
+    out = reconstruct_groups(fake_batches(images, rot, half), {"a": labels, "b": renumbered, "c": other},
+                             half, d, batch_size=4)
+    assert sorted(built) == [("a", 0), ("a", 1), ("a", 2), ("c", 0), ("c", 1), ("c", 2)]
+    alone = reconstruct_groups(fake_batches(images, rot, half), {"b": renumbered}, half, d, batch_size=4)["b"]
+    for g, gm in enumerate(out["b"]):
+        assert gm.labeling == "b" and gm.group == g and gm.n_half == alone[g].n_half
+        torch.testing.assert_close(gm.full, alone[g].full, rtol=1e-4, atol=1e-5 * float(alone[g].full.abs().max()))

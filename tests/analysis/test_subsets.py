@@ -37,3 +37,11 @@ def test_star_subset_round_trip(tmp_path, conformance_dir):
         assert list(back.optics.columns) == list(table.optics.columns)
         np.testing.assert_array_equal(back.optics.to_numpy(), table.optics.to_numpy())
     np.testing.assert_allclose(back.rotations, table.rotations[idx], atol=1e-12)
+
+
+def test_cluster_subsets_number_from_first():
+    subs = cluster_subsets(np.array([0, 1, 1, -1, 0]), None, "class", first=1)
+    assert list(subs) == ["class_001", "class_002"]
+    np.testing.assert_array_equal(subs["class_001"], [0, 4])
+    merged = cluster_subsets(np.array([0, 1, 2]), [[0, 2]], "class", first=1)
+    np.testing.assert_array_equal(merged["classes_001_003"], [0, 2])

@@ -47,3 +47,8 @@ def test_chimerax_script(tmp_path):
     script = write_chimerax_script(tmp_path / "pc1.cxc", maps, level, play=True).read_text()
     assert "open pc1_000.mrc pc1_001.mrc vseries true" in script
     assert f"level {level:.6g}" in script and "vseries play #1" in script
+
+
+def test_write_maps_numbers_from_first(tmp_path):
+    paths = write_maps(tmp_path, torch.rand(2, 4, 4, 4), 1.0, "class", first=1)
+    assert [p.name for p in paths] == ["class_001.mrc", "class_002.mrc"]

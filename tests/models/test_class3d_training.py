@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -160,3 +161,25 @@ def test_ddp_equals_one_process(tmp_path):
         posts.append(_posteriors(model, batches)[1])
     # float32 maps equal to 1e-4 of their scale (summation order) move sharp posteriors by ~1e-4
     torch.testing.assert_close(posts[0], posts[1], rtol=0, atol=1e-3)
+
+
+def test_the_progress_bar_shows_the_iteration_just_finished(tmp_path):
+    """The bar reads ``trainer.progress_bar_metrics`` in its epoch-end hook, which Lightning runs
+    before the module's: the iteration's values must be there by then (logged at the validation
+    end), not one iteration late."""
+    import lightning as L
+
+    seen: list[float] = []
+
+    class Bar(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(float(trainer.progress_bar_metrics.get("train/changes", float("nan"))))
+
+    cfg, dm = _setup(tmp_path, ["data.particles.n_particles=160"])
+    model = _model(cfg, dm)
+    trainer = L.Trainer(max_epochs=3, callbacks=[Bar()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, datamodule=dm)
+    changes = model.hist_changes[:, 0].tolist()  # NaN for the seeding iteration
+    assert len(seen) == 3 and seen[1:] == [pytest.approx(c, abs=1e-6) for c in changes[1:]], (seen, changes)
+    assert changes[1] != changes[2]  # the check can fail: two different iterations

@@ -160,3 +160,46 @@ def test_oracle_deformation_gives_better_half_maps_on_the_hinge(tmp_path_factory
     msg = f"half-map FSC=0.143 {res}, FSC vs truth in the arm {arm}"
     assert res["deformed"] < res["rigid"] - 0.05, msg
     assert arm["deformed"] > arm["rigid"] + 0.01, msg
+
+
+def test_regions_split_over_passes_give_the_one_pass_maps(tmp_path_factory):
+    """``backprojection.max_memory_gb`` below the 2 x (R + 1) accumulators: the rigid sums and
+    the regions are accumulated over several passes (here 2 region slots: [0], [1, 2], [3]),
+    with the same half maps as one pass."""
+    from hetero.analysis.reconstruction import accumulator_bytes
+    from hetero.models.dynamight.backprojection import region_passes
+    from hetero.models.dynamight.backprojection_step import half_maps
+
+    assert region_passes(4, 2, extra_first=1) == [[0], [1, 2], [3]]
+    assert region_passes(4, 5, extra_first=1) == [[0, 1, 2, 3]]
+    assert region_passes(2, 1, extra_first=1) == [[], [0], [1]]
+    with pytest.raises(ValueError):
+        region_passes(2, 0, extra_first=1)
+    n = 200
+    ds, dm = _hinge(tmp_path_factory, n, 1.0)
+    mol = PseudoAtomMolecule(seed=ds.molecule_seed)
+    t = np.asarray(load_truth(ds.truth_dir)["t"]).reshape(n, -1)[:, 0]
+
+    class Oracle:
+        rest = torch.as_tensor(mol.hinge_coords(0.5, ds.hinge_range_deg)).float()
+
+        def __call__(self, index):
+            return torch.as_tensor(mol.hinge_coords(t[index], ds.hinge_range_deg)).float()
+
+    orc = Oracle()
+    reg = make_regions(orc.rest, 4)
+    slot = 2 * accumulator_bytes(BOX, 2, torch.float32) / 2**30
+    loader = lambda b: dm.predict_dataloader(original_size=True, batches=b)  # noqa: E731
+    one = half_maps(loader, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX, _cfg().backprojection)
+    calls = []
+    counted = lambda b: calls.append(1) or loader(b)  # noqa: E731
+    split = half_maps(counted, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
+                      _cfg(max_memory_gb=2.5 * slot).backprojection)
+    assert len(calls) == 6  # passes [0] (+ rigid), [1, 2], [3], each twice (rigid only the first time)
+    for kind in ("deformed", "rigid"):
+        for h in ("half1", "half2"):
+            scale = float(one[kind][h].abs().max())
+            torch.testing.assert_close(split[kind][h], one[kind][h], rtol=0, atol=1e-5 * scale, msg=f"{kind} {h}")
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        half_maps(loader, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
+                  _cfg(max_memory_gb=0.5 * slot).backprojection)

@@ -66,18 +66,18 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     assert gt["method_ari"] == pytest.approx(adjusted_rand_score(truth, classes))
     # The class maps themselves (state maps with their voxel size, resampled to the original box).
     maps = sorted((out / "maps" / "method").glob("class_*.mrc"))
-    assert [p.name for p in maps] == ["class_000.mrc", "class_001.mrc"]
+    assert [p.name for p in maps] == ["class_001.mrc", "class_002.mrc"]  # RELION numbering
     with mrcfile.open(maps[0]) as mrc:
         assert mrc.data.shape == (32,) * 3 and mrc.voxel_size.x == pytest.approx(5.0)
     # Per-class reconstructions at the original box (32 px, 5 Å) with half maps and FSC.
     rec = out / "maps" / "reconstructed" / "method_class"
-    for k in range(2):
+    for k in (1, 2):
         assert (rec / f"class_{k:03d}_half1.mrc").is_file() and (rec / f"class_{k:03d}_half2.mrc").is_file()
         assert (rec / f"class_{k:03d}_fsc.csv").is_file()
-    with mrcfile.open(rec / "class_000.mrc") as mrc:
+    with mrcfile.open(rec / "class_001.mrc") as mrc:
         assert mrc.data.shape == (32,) * 3 and mrc.voxel_size.x == pytest.approx(5.0)
     rows = metrics["reconstructed"]["method_class"]
-    assert sorted(r["particles"] for r in rows) == sorted(np.bincount(classes).tolist())
+    assert [(r["group"], r["particles"]) for r in rows] == [(k + 1, c) for k, c in enumerate(np.bincount(classes))]
     assert all(r["res_0.143_unmasked"] < 40.0 for r in rows), rows
     # Each true state's majority class is reconstructed closer to it than the consensus, as
     # close as from exactly its own particles.
@@ -85,15 +85,15 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     assert scored["method_class"]["auc_mean"] > scored["consensus"]["auc_mean"]
     assert scored["method_class"]["auc_mean"] == pytest.approx(scored["truth_states"]["auc_mean"], abs=0.005)
     # Subsets per class and the report.
-    for k in range(2):
-        assert (out / "subsets" / f"class_{k:03d}.star").is_file()
-    assert metrics["subsets"][f"class_{0:03d}"] + metrics["subsets"][f"class_{1:03d}"] == 400
+    for k in (1, 2):  # class_001 = the particles of rlnClassNumber 1
+        np.testing.assert_array_equal(np.load(out / "subsets" / f"class_{k:03d}.npy"), np.flatnonzero(classes + 1 == k))
     # The method's own step: RELION-style star file with rlnClassNumber, per-iteration history.
     star = starfile.read(out / "class3d" / "particles.star")["particles"]
     assert len(star) == 400 and np.array_equal(star["rlnClassNumber"].to_numpy(), classes + 1)
     assert np.all(star["rlnMaxValueProbDistribution"].to_numpy() >= 0.5)
     history = (out / "class3d" / "iterations.csv").read_text().splitlines()
-    assert len(history) == 1 + 5 and history[0].startswith("iteration,current_resolution")
+    assert len(history) == 1 + 5 and history[0].startswith("iteration,current_resolution_angstrom,")
+    assert "fsc_change_angstrom_1" in history[0].split(",")
     report = (out / "report.html").read_text()
     assert "<h2>Classification</h2>" in report and "own class assignment" in report
     # training's "still changing" warning is repeated where the result is read, exactly when due

@@ -138,13 +138,14 @@ class AnalysisContext:
         return resample_to_box(vols, float(self.result.voxel_size), self.box, self.apix)
 
     def write_series(
-        self, folder: str | Path, volumes: torch.Tensor, prefix: str, play: bool = False
+        self, folder: str | Path, volumes: torch.Tensor, prefix: str, play: bool = False, first: int = 0
     ) -> list[Path]:
-        """Maps ``<out>/<folder>/<prefix>_000.mrc ...`` plus a ChimeraX ``<name>.cxc``."""
+        """Maps ``<out>/<folder>/<prefix>_000.mrc ...`` (numbered from ``first``) plus a ChimeraX
+        ``<name>.cxc``."""
         from hetero.analysis.volumes import contour_level, write_chimerax_script, write_maps
 
         folder = self.out / folder
-        paths = write_maps(folder, volumes, self.apix, prefix)
+        paths = write_maps(folder, volumes, self.apix, prefix, first)
         level = contour_level(volumes, float(self.cfg.maps.get("contour_fraction", 0.05)))
         script = write_chimerax_script(folder / f"{folder.name}.cxc", paths, level, play=play)
         self.files.extend([*paths, script])

@@ -27,7 +27,7 @@ Example usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -163,8 +163,12 @@ def reconstruct_groups(
             raise ValueError(f"labeling {name!r} has {len(lab)} entries for {n} particles")
     if not np.isin(half_sets, (0, 1)).all():
         raise ValueError("half sets must be 0 or 1 for every particle")
+    aliases = same_partitions(labels)  # e.g. k-means clusters that are exactly the classes
     groups = [
-        (name, g) for name, lab in labels.items() for g in range(int(lab.max(initial=-1)) + 1)
+        (name, g)
+        for name, lab in labels.items()
+        if name not in aliases
+        for g in range(int(lab.max(initial=-1)) + 1)
     ]
     device = torch.device(device)
     per_group = 2 * accumulator_bytes(box_size, pad_factor, dtype)
@@ -200,7 +204,41 @@ def reconstruct_groups(
             )
             if task is not None:
                 progress.advance(task)
+    for name, (source, relabel) in aliases.items():
+        out[name] = [replace(out[source][int(relabel[g])], labeling=name, group=g) for g in range(len(relabel))]
     return out
+
+
+def same_partitions(labelings: Mapping[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+    """Labelings that split the particles exactly as an earlier one does, up to the numbering:
+    ``{name: (earlier name, relabel)}`` with ``relabel[g]`` the earlier labeling's group holding
+    exactly the particles of group ``g`` (same unlabelled ``-1`` particles, no empty group in
+    either). Their maps are the earlier labeling's, reconstructed once."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    names = list(labelings)
+    for j, name in enumerate(names):
+        lab = labelings[name]
+        for source in names[:j]:
+            if source in out:
+                continue
+            relabel = _relabel(lab, labelings[source])
+            if relabel is not None:
+                out[name] = (source, relabel)
+                break
+    return out
+
+
+def _relabel(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """``m`` with ``b == m[a]`` on every particle (a bijection of groups), or ``None``."""
+    if not np.array_equal(a < 0, b < 0):
+        return None
+    ka, kb = int(a.max(initial=-1)) + 1, int(b.max(initial=-1)) + 1
+    kept = a >= 0
+    if ka != kb or ka == 0 or len(np.unique(a[kept])) != ka or len(np.unique(b[kept])) != kb:
+        return None
+    m = np.full(ka, -1, np.int64)
+    m[a[kept]] = b[kept]
+    return m if np.array_equal(m[a[kept]], b[kept]) and len(np.unique(m)) == ka else None
 
 
 def _accumulate(loader, accs, wanted, half_sets, device, progress, total) -> None:

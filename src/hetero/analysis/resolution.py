@@ -139,12 +139,16 @@ def half_map_resolution(
 
 
 def fsc_table(curves: dict[str, list[float] | None], box_size: int, apix: float) -> str:
-    """CSV text: ``shell, frequency_per_angstrom, resolution_angstrom, <curve name>...``."""
-    names = [k for k, v in curves.items() if v is not None]
+    """CSV text: ``shell, frequency_per_angstrom, resolution_angstrom, <curve name>...``.
+
+    Every curve named in ``curves`` has its column, in the given order; a ``None`` curve (no
+    mask, no phase randomisation) gives an empty column, so files of one run share one header.
+    """
+    names = list(curves)
     res = shell_resolution_angstrom(box_size, apix)
     lines = [",".join(["shell", "frequency_per_angstrom", "resolution_angstrom", *names])]
     for k in range(box_size // 2 + 1):
         row = [str(k), f"{k / (box_size * apix):.6g}", f"{float(res[k]):.6g}"]
-        row += [f"{curves[name][k]:.6f}" for name in names]
+        row += ["" if curves[name] is None else f"{curves[name][k]:.6f}" for name in names]
         lines.append(",".join(row))
     return "\n".join(lines) + "\n"

@@ -41,6 +41,8 @@ class AnalysisResult:
     :param embedding_name: what they are called (``"z"``, ``"posterior"``).
     :param labels: ``(N,)`` int64 the method's own assignment (``-1``: discarded), or ``None``.
     :param label_name: what a label is called (``"class"``, ``"voted state"``).
+    :param label_first: the number label 0 carries in file names and reports (1 for class3d, as
+        RELION numbers classes; labels stay 0-based in arrays).
     :param decode: ``(K, E) array -> (K, T, T, T)`` decoded volumes on the template grid, or
         ``None`` if the method cannot decode.
     :param voxel_size: Å per voxel of decoded volumes and :attr:`state_maps`.
@@ -58,6 +60,7 @@ class AnalysisResult:
     embedding_name: str = "z"
     labels: np.ndarray | None = None
     label_name: str | None = None
+    label_first: int = 0
     decode: Callable[[np.ndarray], torch.Tensor] | None = None
     voxel_size: float | None = None
     state_maps: torch.Tensor | None = None
@@ -176,6 +179,7 @@ def load_model_result(run, cfg) -> AnalysisResult:
         embedding_name=str(getattr(model, "embedding_name", "z")),
         labels=labels,
         label_name=getattr(model, "label_name", None) if labels_key else None,
+        label_first=int(getattr(model, "label_first", 0)),
         decode=decode if can_decode else None,
         voxel_size=float(model.template_voxel_size()),
         state_maps=None if state_maps is None else state_maps.detach().float().cpu(),

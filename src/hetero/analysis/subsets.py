@@ -43,7 +43,10 @@ def write_subset(folder: str | Path, name: str, table, indices: np.ndarray) -> d
 
 
 def cluster_subsets(
-    labels: np.ndarray, clusters: Sequence[int | Sequence[int]] | None = None, prefix: str = "cluster"
+    labels: np.ndarray,
+    clusters: Sequence[int | Sequence[int]] | None = None,
+    prefix: str = "cluster",
+    first: int = 0,
 ) -> dict[str, np.ndarray]:
     """Indices of the particles of each requested cluster selection (labels ``< 0`` are in none).
 
@@ -51,10 +54,12 @@ def cluster_subsets(
         whose items are a cluster id or a list of ids merged into one subset
         (``clusters_001_004``).
     :param prefix: name stem (``cluster``; e.g. ``class`` for a method's own labels).
+    :param first: the number label 0 carries in the names (1: ``class_001`` holds label 0, as
+        RELION numbers classes); ``clusters`` ids stay 0-based labels.
     """
     labels = np.asarray(labels).ravel()
     k = int(labels.max()) + 1 if labels.size else 0
-    width = max(3, len(str(max(k - 1, 0))))
+    width = max(3, len(str(max(k - 1 + first, 0))))
     selections: Iterable = [[c] for c in range(k)] if clusters is None else clusters
     out: dict[str, np.ndarray] = {}
     for sel in selections:
@@ -62,7 +67,7 @@ def cluster_subsets(
         bad = [c for c in ids if not 0 <= c < k]
         if bad:
             raise ValueError(f"subsets.clusters: cluster ids {bad} out of range 0..{k - 1}")
-        stem = prefix if len(ids) == 1 else f"{prefix}s"
-        name = f"{stem}_" + "_".join(f"{c:0{width}d}" for c in ids)
+        stem = prefix if len(ids) == 1 else prefix + ("es" if prefix.endswith("s") else "s")
+        name = f"{stem}_" + "_".join(f"{c + first:0{width}d}" for c in ids)
         out[name] = np.flatnonzero(np.isin(labels, ids))
     return out

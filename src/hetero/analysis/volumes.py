@@ -73,16 +73,16 @@ def resample_to_box(
 
 
 def write_maps(
-    folder: str | Path, volumes: torch.Tensor | np.ndarray, apix: float, prefix: str
+    folder: str | Path, volumes: torch.Tensor | np.ndarray, apix: float, prefix: str, first: int = 0
 ) -> list[Path]:
-    """Write each ``(D, D, D)`` map as ``<folder>/<prefix>_<iii>.mrc`` (pixel size ``apix`` in
-    the header, origin 0). Returns the paths in order."""
+    """Write each ``(D, D, D)`` map as ``<folder>/<prefix>_<iii>.mrc``, ``iii`` counting from
+    ``first`` (pixel size ``apix`` in the header, origin 0). Returns the paths in order."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vols = volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else np.asarray(volumes)
-    width = max(3, len(str(len(vols) - 1)))
+    width = max(3, len(str(len(vols) - 1 + first)))
     paths = []
-    for i, vol in enumerate(vols):
+    for i, vol in enumerate(vols, start=first):
         path = folder / f"{prefix}_{i:0{width}d}.mrc"
         write_volume(path, np.ascontiguousarray(vol, dtype=np.float32), float(apix),
                      origin_angstrom=(0.0, 0.0, 0.0))

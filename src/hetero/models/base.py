@@ -13,7 +13,8 @@ takes the geometry of the data as keyword arguments (``box_size``, ``apix``, ``n
   stores every key but ``index`` as ``<name>.npy`` in input order;
 - class attributes ``method`` (short name), ``embedding_key`` / ``embedding_name`` (which
   predicted array is the per-particle embedding analysis clusters), ``labels_key`` /
-  ``label_name`` (the method's own per-particle assignment, if any);
+  ``label_name`` (the method's own per-particle assignment, if any), ``label_first`` (the number
+  label 0 carries in file names and reports: 1 for classes numbered as RELION numbers them);
 - :meth:`state_maps` (maps the method made for its states, or ``None``) and :meth:`manifest`
   (what the training task writes into ``<run_dir>/manifest.json``).
 
@@ -56,6 +57,8 @@ class HeteroModel(L.LightningModule):
     labels_key: str | None = None
     #: what those labels are called in reports (e.g. "class")
     label_name: str | None = None
+    #: the number label 0 carries in file names and reports (1: RELION's class numbering)
+    label_first: int = 0
     #: whether :meth:`decode` maps embeddings to volumes
     can_decode: bool = True
     #: dotted paths of method-specific analysis steps, run after the shared ones

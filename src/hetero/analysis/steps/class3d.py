@@ -5,9 +5,10 @@ beside its maps.
   (1-based argmax class of replicate 0, as RELION numbers classes) and
   ``rlnMaxValueProbDistribution`` (its posterior there); with ``U > 1`` replicates, one
   ``class3d/particles_replicate_UUU.star`` per replicate (particles it contains only);
-- ``class3d/iterations.csv``: per EM iteration and class (replicate 0): class fraction,
-  resolution (``model.class_resolution``: RELION's SSNR = 1 estimate, or half-set FSC = 0.143),
-  FSC(new, previous map) = 0.5 resolution, and per iteration
+- ``class3d/iterations.csv``: per EM iteration and class (replicate 0): class fraction
+  (``fraction_K``), resolution in Å (``resolution_angstrom_K``; ``model.class_resolution``:
+  RELION's SSNR = 1 estimate, or half-set FSC = 0.143), the resolution in Å where FSC(new,
+  previous map) drops below 0.5 (``fsc_change_angstrom_K``), and per iteration
   the current resolution, mean log-likelihood, fraction of changed assignments and mean max
   posterior (RELION's ``_model.star`` and ``_optimiser`` quantities);
 - a report section "Classification" with those tables and a class-size plot.
@@ -49,19 +50,20 @@ def class3d(ctx) -> None:
         "iterations": int(model.iteration),
         "class_fractions": [float(v) for v in model.prior[0].tolist()],
         "final_changes": last.get("changes"),
-        "final_resolution": last.get("current_resolution"),
+        "final_resolution": last.get("current_resolution_angstrom"),
     }
     blocks.append(R.paragraph(
         f"{int(model.iteration)} EM iterations (the first is the seeding iteration), "
         f"{model.n_classes} classes, {model.n_replicates} replicate(s); replicate 0 below."))
     k = model.n_classes
-    rows = [(r["iteration"], r["current_resolution"], r["loglik"], r["changes"], r["pmax"],
+    rows = [(r["iteration"], r["current_resolution_angstrom"], r["loglik"], r["changes"], r["pmax"],
              *(r[f"fraction_{c + 1}"] for c in range(k))) for r in history]
     blocks.append(R.table(rows, ["iteration", "current resolution (Å)", "log-likelihood", "changes",
                                  "mean max posterior", *(f"class {c + 1}" for c in range(k))]))
     if history:
         blocks.append(R.table(
-            [(c + 1, last[f"fraction_{c + 1}"], last[f"resolution_{c + 1}"], last[f"fsc_change_{c + 1}"])
+            [(c + 1, last[f"fraction_{c + 1}"], last[f"resolution_angstrom_{c + 1}"],
+              last[f"fsc_change_angstrom_{c + 1}"])
              for c in range(k)],
             ["class", "fraction", {"ssnr": "resolution, SSNR = 1 (Å)"}.get(model.cfg.class_resolution,
                                                                            "half-set FSC 0.143 (Å)"),
@@ -90,13 +92,13 @@ def _history_rows(model) -> list[dict]:
     for i in range(model.hist_loglik.shape[0]):
         weight = model.hist_class_weight[i, 0]
         total = float(weight.sum())
-        row = {"iteration": i + 1, "current_resolution": float(model.hist_resolution[i, 0]),
+        row = {"iteration": i + 1, "current_resolution_angstrom": float(model.hist_resolution[i, 0]),
                "loglik": float(model.hist_loglik[i, 0]), "changes": float(model.hist_changes[i, 0]),
                "pmax": float(model.hist_pmax[i, 0])}
         for c in range(model.n_classes):
             row[f"fraction_{c + 1}"] = float(weight[c]) / total if total > 0 else float("nan")
-            row[f"resolution_{c + 1}"] = float(model.hist_class_resolution[i, 0, c])
-            row[f"fsc_change_{c + 1}"] = float(model.hist_fsc_change[i, 0, c])
+            row[f"resolution_angstrom_{c + 1}"] = float(model.hist_class_resolution[i, 0, c])
+            row[f"fsc_change_angstrom_{c + 1}"] = float(model.hist_fsc_change[i, 0, c])
         rows.append(row)
     return rows
 

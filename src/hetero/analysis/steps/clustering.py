@@ -147,7 +147,8 @@ def _method_labels(ctx, blocks: list[str]) -> None:
         "counts": counts.tolist(),
         "discarded": int((labels < 0).sum()),
     }
-    rows = [(i, int(c), f"{100 * c / len(labels):.1f}%") for i, c in enumerate(counts)]
+    first = ctx.result.label_first
+    rows = [(i + first, int(c), f"{100 * c / len(labels):.1f}%") for i, c in enumerate(counts)]
     if (labels < 0).any():
         rows.append(
             ("discarded (-1)", int((labels < 0).sum()), f"{100 * (labels < 0).mean():.1f}%")

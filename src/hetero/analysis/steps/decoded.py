@@ -105,14 +105,14 @@ def _method_state_maps(ctx, blocks: list[str]) -> None:
     result = ctx.result
     slug = label_slug(result.label_name or "state")
     vols = resample_to_box(result.state_maps, float(result.voxel_size), ctx.box, ctx.apix)
-    ctx.write_series("maps/method", vols, slug)
+    ctx.write_series("maps/method", vols, slug, first=result.label_first)
     ctx.state["method_state_maps"] = vols
     blocks.append(
         R.image(
             P.map_gallery(
                 ctx.fig_dir / "method_state_maps.png",
                 vols.numpy(),
-                [f"{result.label_name or 'state'} {i}" for i in range(len(vols))],
+                [f"{result.label_name or 'state'} {i + result.label_first}" for i in range(len(vols))],
             ),
             f"The {result.method} model's own maps of its states",
         )

@@ -36,21 +36,21 @@ SECTION = "Reconstructed maps"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def labelings(ctx) -> dict[str, tuple[np.ndarray, str]]:
-    """``{kind: (labels (N,), file prefix)}`` of the groups to reconstruct, from the config
-    and earlier steps' state."""
+def labelings(ctx) -> dict[str, tuple[np.ndarray, str, int]]:
+    """``{kind: (labels (N,), file prefix, number of label 0 in names)}`` of the groups to
+    reconstruct, from the config and earlier steps' state."""
     rc, n = ctx.cfg.reconstruction, ctx.result.n_particles
-    out: dict[str, tuple[np.ndarray, str]] = {}
+    out: dict[str, tuple[np.ndarray, str, int]] = {}
     if rc.clusters and "clusters" in ctx.state:
-        out["clusters"] = (ctx.state["clusters"].labels, "cluster")
+        out["clusters"] = (ctx.state["clusters"].labels, "cluster", 0)
     if rc.method_labels and ctx.state.get("method_labels") is not None:
         slug = label_slug(ctx.result.label_name)
-        out[f"method_{slug}"] = (np.asarray(ctx.state["method_labels"]), slug)
+        out[f"method_{slug}"] = (np.asarray(ctx.state["method_labels"]), slug, ctx.result.label_first)
     if rc.consensus:
-        out["consensus"] = (np.zeros(n, np.int64), "consensus")
+        out["consensus"] = (np.zeros(n, np.int64), "consensus", 0)
     truth = ctx.truth if rc.truth_states else None
     if truth is not None and "labels" in truth:
-        out["truth_states"] = (np.asarray(truth["labels"]), "state")
+        out["truth_states"] = (np.asarray(truth["labels"]), "state", 0)
     return out
 
 
@@ -83,7 +83,7 @@ def reconstruction(ctx) -> None:
         )
     maps = reconstruct_groups(
         lambda batches: dm.predict_dataloader(original_size=True, batches=batches),
-        {kind: labels for kind, (labels, _) in groups.items()},
+        {kind: labels for kind, (labels, _, _) in groups.items()},
         table.half_set,
         int(table.box_size),
         batch_size=int(rc.batch_size),
@@ -112,8 +112,8 @@ def reconstruction(ctx) -> None:
             "curve of each group."
         )
     )
-    for kind, (_, prefix) in groups.items():
-        rows = _write_kind(ctx, kind, prefix, maps[kind], blocks)
+    for kind, (_, prefix, first) in groups.items():
+        rows = _write_kind(ctx, kind, prefix, maps[kind], blocks, first)
         ctx.state["reconstructed"][kind] = maps[kind]
         ctx.metrics["reconstructed"][kind] = rows
     if ctx.truth is not None and ctx.truth.get("volumes") is not None and "labels" in ctx.truth:
@@ -132,21 +132,24 @@ RESOLUTION_KEYS = (
     "res_0.5_unmasked",
     "res_0.5_masked",
     "res_0.143_masked_uncorrected",
+    "res_0.5_masked_uncorrected",
     "randomise_from_angstrom",
+    "mask_fraction",
 )
 
 
 def _write_kind(
-    ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: list[str]
+    ctx, kind: str, prefix: str, groups: list[GroupMaps], blocks: list[str], first: int = 0
 ) -> list[dict]:
     """Write the maps, FSC curves, ``resolution.csv`` and ``<kind>.cxc`` of one kind of group
-    and add its table and figures to the report; returns the rows of ``resolution.csv``."""
+    (group ``g`` named and listed as number ``g + first``) and add its table and figures to the
+    report; returns the rows of ``resolution.csv``."""
     folder = ctx.out / "maps" / "reconstructed" / kind
-    width = max(3, len(str(len(groups) - 1)))
+    width = max(3, len(str(len(groups) - 1 + first)))
     rows, curves, fulls = [], {}, []
     for gm in groups:
-        stem = prefix if kind == "consensus" else f"{prefix}_{gm.group:0{width}d}"
-        row, res, path = _write_group(ctx, folder, stem, gm)
+        stem = prefix if kind == "consensus" else f"{prefix}_{gm.group + first:0{width}d}"
+        row, res, path = _write_group(ctx, folder, stem, gm, first)
         rows.append(row)
         fulls.append((stem, path, gm.full))
         if res is not None:
@@ -159,7 +162,7 @@ def _write_kind(
     return rows
 
 
-def _write_group(ctx, folder, stem: str, gm: GroupMaps) -> tuple[dict, dict | None, object]:
+def _write_group(ctx, folder, stem: str, gm: GroupMaps, first: int = 0) -> tuple[dict, dict | None, object]:
     """The full map and both half maps of one group, and (with particles in both halves) the
     FSC between the half maps without and with a soft mask from the full map (``_fsc.csv``)."""
     mc = ctx.cfg.reconstruction.mask
@@ -168,7 +171,7 @@ def _write_group(ctx, folder, stem: str, gm: GroupMaps) -> tuple[dict, dict | No
         write_volume(path, vol.numpy(), ctx.apix, origin_angstrom=(0.0, 0.0, 0.0))
     ctx.files += names
     row = {
-        "group": gm.group,
+        "group": gm.group + first,
         "particles": gm.n_particles,
         "half1": gm.n_half[0],
         "half2": gm.n_half[1],

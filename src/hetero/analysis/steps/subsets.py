@@ -23,7 +23,12 @@ def subsets(ctx) -> None:
         selections.update(cluster_subsets(ctx.state["clusters"].labels, cfg.get("clusters")))
     if ctx.state.get("method_labels") is not None:
         selections.update(
-            cluster_subsets(ctx.state["method_labels"], None, label_slug(ctx.result.label_name))
+            cluster_subsets(
+                ctx.state["method_labels"],
+                None,
+                label_slug(ctx.result.label_name),
+                first=ctx.result.label_first,
+            )
         )
     if not selections:
         return

@@ -87,6 +87,7 @@ class Class3D(HeteroModel):
     embedding_key = "posterior"
     labels_key = "class_number"
     label_name = "class"
+    label_first = 1  # class_001 = rlnClassNumber 1, as RELION's run_class001.mrc
     can_decode = False
     #: The EM sufficient statistics of the running iteration live in plain attributes (the
     #: posterior-weighted backprojections are U x K x 2 padded volumes): a checkpoint is only
@@ -179,6 +180,7 @@ class Class3D(HeteroModel):
         self._epoch_logs: dict[str, float] = {}
         self._seen: Tensor | None = None
         self._val_seen = False
+        self._logged = False
 
     # ------------------------------------------------------------------ interface
     def state_maps(self) -> Tensor:
@@ -229,6 +231,8 @@ class Class3D(HeteroModel):
         self._seen = torch.zeros(self.membership.shape[0], dtype=torch.int32, device=self.device)
         self._val_seen = False
         self._pending = False
+        self._logged = False
+        self._epoch_logs = {}
 
     @torch.no_grad()
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -304,8 +308,21 @@ class Class3D(HeteroModel):
         # checkpoint is written: the M-step must come first.
         self._maximize()
 
+    def on_validation_epoch_end(self) -> None:
+        # The iteration's values are logged here when the epoch validates: the progress bar
+        # refreshes at the validation end, while at the epoch end it refreshes before this
+        # module's hook and would show the previous iteration's values.
+        if not self.trainer.sanity_checking:
+            self._log_iteration()
+
     def on_train_epoch_end(self) -> None:
         self._maximize()
+        self._log_iteration()  # epochs without validation
+
+    def _log_iteration(self) -> None:
+        if self._logged or not self._epoch_logs:
+            return
+        self._logged = True
         logs = dict(self._epoch_logs)
         if not self._val_seen:
             logs["val/loss"] = logs.get("train/nll_per_pixel", math.inf)

@@ -73,21 +73,23 @@ class Regions:
     def n(self) -> int:
         return int(self.centres.shape[0])
 
-    def weights(self, box_size: int, apix: float, device=None) -> Tensor:
+    def weights(self, box_size: int, apix: float, device=None, subset: list[int] | None = None) -> Tensor:
         """``(R, D, D, D)`` blending weights on a ``D^3`` grid of ``apix`` Å (voxel ``[z, y, x]``
         at ``((x, y, z) index - D // 2) * apix``): ``w_r = softmax_r(-|x - c_r| / sigma)``, a
         partition of unity (sum 1 in every voxel) whose transition between two regions is a
         logistic of width ``~2 sigma`` whatever their distance (a softmax of squared distances
         would make hard edges between distant centres, whose multiplication into the region
-        maps would add high-frequency structure common to both half maps)."""
+        maps would add high-frequency structure common to both half maps). ``subset``: only
+        those regions' weights (still normalised over all regions)."""
         from hetero.models.dynamight.inverse import grid_points
 
+        rows = list(range(self.n)) if subset is None else [int(r) for r in subset]
         if self.n == 1:
-            return torch.ones((1,) + (box_size,) * 3, device=device)
+            return torch.ones((len(rows),) + (box_size,) * 3, device=device)
         x = grid_points(box_size, apix, device=device)
         d = torch.cdist(x, self.centres.to(x))  # (M, R)
-        w = torch.softmax(-d / self.sigma, dim=1)
-        return w.T.reshape((self.n,) + (box_size,) * 3)
+        w = torch.softmax(-d / self.sigma, dim=1)[:, rows]
+        return w.T.reshape((len(rows),) + (box_size,) * 3)
 
 
 def make_regions(points: Tensor, n_regions: int, sigma_angstrom: float | None = None, seed: int = 0) -> Regions:
@@ -167,7 +169,11 @@ class DeformedBackprojection:
 
     @property
     def count(self) -> int:
-        return self.accumulators[0].count
+        return self.accumulators[0].count if self.accumulators else 0
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.accumulators)
 
     def add(self, images: Tensor, rotations: Tensor, shifts_px: Tensor | None, ctf: Tensor | None,
             local_rotations: Tensor | None = None, local_shifts_px: Tensor | None = None) -> None:
@@ -250,10 +256,52 @@ def reconstruct_half_maps(
     """
     if isinstance(weights, Tensor):
         weights = [weights] * len(halves)
-    first = [blend(h.region_maps(wiener_snr), w) for h, w in zip(halves, weights)]
+    every = list(range(halves[0].n_regions))
+    return reconstruct_half_maps_in_passes(lambda chunk: halves, [every], lambda h, chunk: weights[h], wiener_snr)
+
+
+def region_passes(n_regions: int, capacity: int, extra_first: int = 0) -> list[list[int]]:
+    """Regions ``0 .. R-1`` split into passes of at most ``capacity`` accumulators per half set,
+    the first pass also holding ``extra_first`` others (e.g. the rigid one); one pass when all
+    fit. The first pass may hold no region (only the extra ones).
+
+    :raises ValueError: ``capacity < max(1, extra_first)``: not even one pass fits.
+    """
+    if capacity < max(1, extra_first):
+        raise ValueError(f"{capacity} accumulators per half set fit in memory, {max(1, extra_first)} are needed")
+    first = min(n_regions, capacity - extra_first)
+    rest = list(range(first, n_regions))
+    return [list(range(first))] + [rest[i : i + capacity] for i in range(0, len(rest), capacity)]
+
+
+def reconstruct_half_maps_in_passes(accumulate, passes: list[list[int]], weights, wiener_snr: float = 1.0) -> dict:
+    """:func:`reconstruct_half_maps` with at most one pass's regions in memory at once.
+
+    :param accumulate: ``regions -> [half 1, half 2]`` :class:`DeformedBackprojection` holding
+        those regions (in that order), e.g. one pass over the data; called twice per pass
+        (once per step of :func:`reconstruct_half_maps`) unless there is a single pass.
+    :param passes: :func:`region_passes`. :param weights: ``(half, regions) -> (len(regions),
+        D, D, D)`` blending weights of those regions.
+    :return: as :func:`reconstruct_half_maps`.
+    """
+    kept = None
+    first: list[Tensor | int] = [0, 0]
+    for chunk in passes:
+        halves = accumulate(chunk)
+        if len(passes) == 1:
+            kept = halves
+        for h in (0, 1):
+            if chunk:
+                first[h] = first[h] + blend(halves[h].region_maps(wiener_snr), weights(h, chunk))
+        del halves
     curve = fsc(first[0], first[1])
     ssnr = half_map_ssnr(curve)
-    maps = [blend(h.region_maps(data_vs_prior=ssnr), w).cpu() for h, w in zip(halves, weights)]
+    maps: list[Tensor | int] = [0, 0]
+    for chunk in (c for c in passes if c):
+        halves = kept if kept is not None else accumulate(chunk)
+        for h in (0, 1):
+            maps[h] = maps[h] + blend(halves[h].region_maps(data_vs_prior=ssnr), weights(h, chunk)).cpu()
+        del halves
     return {"half1": maps[0], "half2": maps[1], "fsc_prior": curve.cpu(), "ssnr": ssnr.cpu()}
 
 
@@ -266,4 +314,6 @@ __all__ = [
     "local_rigid_transforms",
     "make_regions",
     "reconstruct_half_maps",
+    "reconstruct_half_maps_in_passes",
+    "region_passes",
 ]

@@ -9,8 +9,9 @@ back into the half set's consensus frame and accumulated
 ``CTF^2`` weights, per-shell ``tau^2`` from the half-map FSC); the same particles are also
 backprojected rigidly (one region, no motion) for comparison. One pass over the data module's
 predict loader in batches of one half set; memory is ``2 (R + 1)`` accumulators whatever the
-particle count; under ``torch.distributed`` each rank takes every ``world_size``-th batch and the
-sums are all-reduced.
+particle count, or, when they exceed ``backprojection.max_memory_gb``, as many as fit, the
+regions split over several passes (:func:`half_maps`); under ``torch.distributed`` each rank
+takes every ``world_size``-th batch and the sums are all-reduced.
 
 Writes ``dynamight/backprojection/``: ``map_half1.mrc``, ``map_half2.mrc`` (RELION PostProcess
 reads them), ``map.mrc`` (their average), ``rigid_half{1,2}.mrc``, ``rigid.mrc``, ``mask.mrc``
@@ -30,7 +31,7 @@ import torch
 
 from hetero.analysis import plots as P
 from hetero.analysis import report as R
-from hetero.analysis.reconstruction import plan_batches
+from hetero.analysis.reconstruction import accumulator_bytes, plan_batches
 from hetero.analysis.resolution import fsc_table, half_map_resolution
 from hetero.data.io.mrc import write_volume
 from hetero.models.dynamight import distributed as dist
@@ -40,6 +41,8 @@ from hetero.models.dynamight.backprojection import (
     local_rigid_transforms,
     make_regions,
     reconstruct_half_maps,
+    reconstruct_half_maps_in_passes,
+    region_passes,
 )
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.masks import soft_mask_from_volume
@@ -74,19 +77,25 @@ class HalfSetDeformer:
 def backproject_halves(make_loader, half_sets: np.ndarray, deformers, regions: list[Regions],
                        box_size: int, batch_size: int = 64, pad_factor: int = 2,
                        dtype: torch.dtype = torch.float32, device="cpu", local_rotation: bool = True,
-                       preweight_iterations: int = 10, progress=None) -> dict[str, list[DeformedBackprojection]]:
+                       preweight_iterations: int = 10, progress=None, subset: list[int] | None = None,
+                       rigid: bool = True) -> dict[str, list[DeformedBackprojection]]:
     """Accumulate every particle of each half set, deformed and rigid, in one pass.
 
     :param make_loader: ``batches -> iterable of particle batches`` at the original box
         (``image``, ``rotation``, ``origin_px``, ``ctf``, ``apix``, ``index``, ``half``).
     :param half_sets: ``(N,)`` 0/1. :param deformers: per half set, ``.rest (N_g, 3)`` Å and
         ``deformer(index) -> (B, N_g, 3)`` Å. :param regions: per half set.
-    :return: ``{"deformed": [half 1, half 2], "rigid": [half 1, half 2]}`` (sums all-reduced).
+    :param subset: accumulate only these regions (in this order; ``None``: all), e.g. one of
+        several passes when all do not fit in memory. :param rigid: also the rigid sums.
+    :return: ``{"deformed": [half 1, half 2], "rigid": [half 1, half 2]}`` (sums all-reduced;
+        no ``"rigid"`` without ``rigid``).
     """
     device = torch.device(device)
     kw = dict(pad_factor=pad_factor, device=device, dtype=dtype, preweight_iterations=preweight_iterations)
-    out = {"deformed": [DeformedBackprojection(box_size, regions[h].n, **kw) for h in (0, 1)],
-           "rigid": [DeformedBackprojection(box_size, 1, **kw) for h in (0, 1)]}
+    subset = list(range(regions[0].n)) if subset is None else [int(r) for r in subset]
+    out = {"deformed": [DeformedBackprojection(box_size, len(subset), **kw) for h in (0, 1)]}
+    if rigid:
+        out["rigid"] = [DeformedBackprojection(box_size, 1, **kw) for h in (0, 1)]
     half_sets = np.asarray(half_sets, dtype=np.int64)
     keys = np.stack([np.zeros_like(half_sets), half_sets], 1)
     batches = plan_batches(keys, batch_size)[dist.rank()::dist.world_size()]
@@ -101,11 +110,13 @@ def backproject_halves(make_loader, half_sets: np.ndarray, deformers, regions: l
         rot = batch["rotation"].to(device, torch.float32)
         shifts = -batch["origin_px"].to(device, torch.float32)
         ctf = ctf_table_compute(batch["ctf"].to(device, torch.float32), box_size, apix)
-        deformed = deformers[h](index).to(device)
-        q, s = local_rigid_transforms(deformers[h].rest.to(device), deformed, regions[h].assignment,
-                                      regions[h].n, rotation=local_rotation)
-        out["deformed"][h].add(images, rot, shifts, ctf, q, s / apix[:, None, None])
-        out["rigid"][h].add(images, rot, shifts, ctf)
+        if subset:
+            deformed = deformers[h](index).to(device)
+            q, s = local_rigid_transforms(deformers[h].rest.to(device), deformed, regions[h].assignment,
+                                          regions[h].n, rotation=local_rotation)
+            out["deformed"][h].add(images, rot, shifts, ctf, q[:, subset], s[:, subset] / apix[:, None, None])
+        if rigid:
+            out["rigid"][h].add(images, rot, shifts, ctf)
         if task is not None:
             progress.advance(task)
     for kind in out.values():
@@ -165,30 +176,55 @@ def deformed_backprojection(ctx) -> None:
         raise ValueError("deformed backprojection needs one pixel size for all particles")
     box, apix = int(table.box_size), float(table.pixel_size_angstrom[0])
     n_regions = int(bc.regions)
-    dtype = DTYPES[str(bc.precision)]
-    need = 2 * (n_regions + 1) * (int(bc.pad_factor) * box) ** 3 * 3 * (torch.finfo(dtype).bits // 8)
-    if bc.max_memory_gb and need > float(bc.max_memory_gb) * 2**30:
-        raise ValueError(f"deformed backprojection needs {need / 2**30:.2f} GiB of accumulators "
-                         f"(2 half sets x ({n_regions} regions + rigid)); allowed "
-                         f"backprojection.max_memory_gb={bc.max_memory_gb}: lower backprojection.regions "
-                         "or backprojection.pad_factor, or raise max_memory_gb")
     deformers = [HalfSetDeformer(model.halves[h], np.asarray(pp[f"z_mu_half{h + 1}"])) for h in (0, 1)]
     regions = [make_regions(d.rest.cpu(), n_regions, bc.get("region_sigma_angstrom"), int(ctx.cfg.get("seed", 0)))
                for d in deformers]
-    sums = backproject_halves(
-        lambda batches: dm.predict_dataloader(original_size=True, batches=batches), table.half_set,
-        deformers, regions, box, int(bc.batch_size), int(bc.pad_factor), dtype, str(bc.device),
-        bool(bc.local_rotation), int(bc.preweight_iterations), ctx.progress)
-    weights = [r.weights(box, apix) for r in regions]
-    maps = {"deformed": reconstruct_half_maps(sums["deformed"], weights, float(bc.wiener_snr)),
-            "rigid": reconstruct_half_maps(sums["rigid"], [torch.ones(1, box, box, box)] * 2,
-                                           float(bc.wiener_snr))}
+    maps = half_maps(lambda batches: dm.predict_dataloader(original_size=True, batches=batches), table.half_set,
+                     deformers, regions, box, apix, bc, ctx.progress)
     mc = bc.mask
     mask = consensus_mask(model, box, apix, float(mc.threshold), float(mc.extend_angstrom),
                           float(mc.soft_edge_angstrom))
     consistency = inverse_consistency_metrics(model, deformers, regions, box, apix, bc)
     if dist.rank() == 0:
         _write(ctx, maps, mask, box, apix, consistency, [int((table.half_set == h).sum()) for h in (0, 1)])
+
+
+def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: int, apix: float, bc,
+              progress=None) -> dict:
+    """Deformed and rigid half maps (:func:`reconstruct_half_maps`), in one pass over the data
+    when the ``2 x (R + 1)`` accumulators fit in ``bc.max_memory_gb``, else in several: the
+    rigid sums and as many regions as fit in the first, the other regions in the next ones,
+    each pass made twice (the regions' maps are needed before and after the FSC prior).
+
+    :raises ValueError: not even the rigid pair of accumulators fits.
+    """
+    dtype, n_regions = DTYPES[str(bc.precision)], regions[0].n
+    per_half = 2 * accumulator_bytes(box, int(bc.pad_factor), dtype)  # one region, both half sets
+    limit = float(bc.max_memory_gb) * 2**30 if bc.max_memory_gb else float("inf")
+    capacity = n_regions + 1 if limit >= (n_regions + 1) * per_half else int(limit // per_half)
+    try:
+        passes = region_passes(n_regions, capacity, extra_first=1)
+    except ValueError:
+        raise ValueError(f"deformed backprojection needs at least {per_half / 2**30:.2f} GiB of accumulators "
+                         f"(the rigid pair, one per half set); allowed backprojection.max_memory_gb="
+                         f"{bc.max_memory_gb}: lower backprojection.pad_factor or raise max_memory_gb") from None
+    if len(passes) > 1:
+        log.info("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators, more than "
+                 "backprojection.max_memory_gb=%s: %d passes over the data, each made twice", n_regions,
+                 (n_regions + 1) * per_half / 2**30, bc.max_memory_gb, len(passes))
+    wiener, rigid = float(bc.wiener_snr), {}
+
+    def accumulate(subset):
+        sums = backproject_halves(make_loader, half_sets, deformers, regions, box, int(bc.batch_size),
+                                  int(bc.pad_factor), dtype, str(bc.device), bool(bc.local_rotation),
+                                  int(bc.preweight_iterations), progress, subset=subset, rigid=not rigid)
+        if "rigid" in sums:
+            rigid.update(reconstruct_half_maps(sums.pop("rigid"), [torch.ones(1, box, box, box)] * 2, wiener))
+        return sums["deformed"]
+
+    deformed = reconstruct_half_maps_in_passes(
+        accumulate, passes, lambda h, subset: regions[h].weights(box, apix, subset=subset), wiener)
+    return {"deformed": deformed, "rigid": rigid}
 
 
 def inverse_consistency_metrics(model, deformers, regions, box, apix, bc) -> dict:
