@@ -75,6 +75,55 @@ def test_decoder_starts_at_zero_and_encodes_positions():
     torch.testing.assert_close(dec(z, coords), dec(z, coords.expand(2, -1, -1)))
 
 
+def test_decoder_random_last_layer_option():
+    """model.decoder_out_init_std: N(0, std^2) last layer, so the displacements depend on z
+    (and the data term reaches the encoder) from the first step; 0 keeps the zeros."""
+    coords = torch.rand(50, 3) - 0.5
+    torch.manual_seed(0)
+    dec = DeformationDecoder(zdim=4, box_size=64, n_layers=3, width=16, out_init_std=0.1)
+    w = dec.out.weight
+    assert torch.all(w != 0) and 0.02 < float(w.std()) < 0.3
+    z = torch.randn(2, 4)
+    d = dec(z, coords)
+    assert float((d[0] - d[1]).abs().max()) > 0
+    z.requires_grad_(True)
+    dec(z, coords).sum().backward()
+    assert float(z.grad.abs().max()) > 0
+    with pytest.raises(ValueError, match="out_init_std"):
+        DeformationDecoder(zdim=4, box_size=64, out_init_std=-1.0)
+
+
+def test_encoder_logstd_init_option():
+    """model.encoder_logstd_init sets the log-sigma head's bias; null keeps PyTorch's default
+    init (uniform, never exactly the constant)."""
+    m = small_model(encoder_logstd_init=-3.0)
+    for vae in m.halves:
+        torch.testing.assert_close(vae.encoder.logstd.bias, torch.full((3,), -3.0))
+    with torch.no_grad():
+        m.halves[0].encoder.logstd.weight.zero_()
+    _, logstd = m.halves[0].encoder(torch.randn(2, 16, 16))
+    torch.testing.assert_close(logstd, torch.full((2, 3), -3.0))
+    assert not torch.all(small_model().halves[0].encoder.logstd.bias == -3.0)
+
+
+def test_encoder_lowpass_removes_frequencies_beyond_the_cut():
+    """model.encoder_lowpass: the encoder sees the image low-passed (a pattern beyond the cut
+    vanishes, one inside it stays); a cut beyond Nyquist is refused."""
+    box, apix = 16, 4.0
+    m = small_model(encoder_lowpass=16.0, particle_diameter=box * apix * 2)  # mask ~ 1 inside
+    plain = small_model(particle_diameter=box * apix * 2)
+    yy = torch.arange(box, dtype=torch.float32)[:, None].expand(box, box)
+    batch = make_batch(2, box, apix)
+    batch["origin_px"] = torch.zeros(2, 2)
+    batch["image"] = torch.stack([torch.cos(2 * math.pi * 6 * yy / box),   # 10.7 Å: cut
+                                  torch.cos(2 * math.pi * 2 * yy / box)])  # 32 Å: kept
+    enc, ref = m.prepare(batch).encoder_input, plain.prepare(batch).encoder_input
+    assert float(enc[0].abs().max()) < 1e-4 * float(ref[0].abs().max())
+    torch.testing.assert_close(enc[1], ref[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="encoder_lowpass"):
+        small_model(encoder_lowpass=6.0)
+
+
 def test_encoder_shapes_and_activation_choice():
     enc = HalfSetEncoder(32, 6, final_activation="tanh")
     mu, logstd = enc(torch.randn(3, 32, 32))

@@ -6,7 +6,9 @@ returns ``delta`` and the caller forms ``c + delta`` (residual form). As in the 
 (``models/decoder.py:DisplacementDecoder``): ``L = 10`` sine/cosine frequencies per coordinate,
 ``f_i = (D/2)^(1 - i/(L-1))`` rad per box, from ``D/2`` down to 1; ``Linear(6L + zdim -> W)``
 then ``n_layers x [Linear(W -> W) + ELU]``, ``Linear(W -> 3)``, ELU, ``Linear(3 -> 3)`` whose
-weights start at zero (so ``delta = 0`` at the start); no biases.
+weights start at zero (so ``delta = 0`` at the start); no biases. ``out_init_std > 0`` (a hetero
+option) draws that last layer from ``N(0, out_init_std^2)`` instead, so that the data term gives
+the encoder a gradient from the first step.
 
 The first layer is applied as ``W_c PE(c) + W_z z``: the ``(N, W)`` position part is computed
 once per batch and broadcast against the ``(B, W)`` latent part, so the ``(B, N, 6L + zdim)``
@@ -42,10 +44,13 @@ class DeformationDecoder(nn.Module):
 
     :param zdim: latent size. :param box_size: training box (sets the encoding frequencies).
     :param n_frequencies: ``L``. :param n_layers: hidden layers. :param width: their width.
+    :param out_init_std: standard deviation of the last layer's initial weights (0: zeros, the
+        reference's and paper's initialisation; the displacements then start exactly at 0).
     """
 
     def __init__(
-        self, zdim: int, box_size: int, n_frequencies: int = 10, n_layers: int = 8, width: int = 32
+        self, zdim: int, box_size: int, n_frequencies: int = 10, n_layers: int = 8, width: int = 32,
+        out_init_std: float = 0.0,
     ) -> None:
         super().__init__()
         self.box_size = int(box_size)
@@ -58,7 +63,12 @@ class DeformationDecoder(nn.Module):
         blocks += [nn.Linear(width, 3, bias=False), nn.ELU()]
         self.body = nn.Sequential(*blocks)
         self.out = nn.Linear(3, 3, bias=False)
-        nn.init.zeros_(self.out.weight)
+        if out_init_std < 0:
+            raise ValueError(f"out_init_std must be >= 0, got {out_init_std}")
+        if out_init_std > 0:
+            nn.init.normal_(self.out.weight, 0.0, float(out_init_std))
+        else:
+            nn.init.zeros_(self.out.weight)
         # The reference's init of the concatenated first layer: uniform(+-1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(6 * self.n_frequencies + zdim)
         nn.init.uniform_(self.coord_in.weight, -bound, bound)

@@ -23,6 +23,8 @@ class HalfSetEncoder(nn.Module):
     :param hidden: widths of the hidden layers (reference ``[256, 128]``).
     :param pool: average-pooling factor before the first layer (reference 2).
     :param final_activation: activation after the last hidden layer (``relu``/``tanh``/``elu``).
+    :param logstd_init: initial bias of the ``log sigma`` head (``None``: PyTorch's default
+        init, as the reference; e.g. ``-3``: ``sigma ~ 0.05`` at the start, so ``z ~ mu``).
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class HalfSetEncoder(nn.Module):
         hidden: list[int] | tuple[int, ...] = (256, 128),
         pool: int = 2,
         final_activation: str = "relu",
+        logstd_init: float | None = None,
     ) -> None:
         super().__init__()
         if final_activation not in ACTIVATIONS:
@@ -47,6 +50,8 @@ class HalfSetEncoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.mu = nn.Linear(widths[-1], zdim)
         self.logstd = nn.Linear(widths[-1], zdim)
+        if logstd_init is not None:
+            nn.init.constant_(self.logstd.bias, float(logstd_init))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = self.pool(images[:, None])[:, 0].flatten(1)

@@ -75,8 +75,9 @@ class DynaMight(HeteroModel):
         particle_diameter: float | None = None, soft_edge: float = 20.0,
         encoder_hidden: list[int] | tuple[int, ...] = (256, 128), encoder_pool: int = 2,
         encoder_final_activation: str = "relu", encoder_phase_flip: bool = False,
+        encoder_lowpass: float | None = None, encoder_logstd_init: float | None = None,
         n_frequencies: int = 10,
-        decoder_layers: int = 8, decoder_width: int = 32,
+        decoder_layers: int = 8, decoder_width: int = 32, decoder_out_init_std: float = 0.0,
         initial_threshold: float | None = None, initial_quantile: float = 0.99,
         initial_width_px: float | None = None, min_width_px: float = 0.75, max_width_px: float = 4.0,
         shared_width: bool = False,
@@ -108,8 +109,9 @@ class DynaMight(HeteroModel):
         self.particle_diameter = float(particle_diameter or extent - soft_edge)
         vae = dict(
             encoder=dict(hidden=_plain(encoder_hidden), pool=int(encoder_pool),
-                         final_activation=encoder_final_activation),
-            decoder=dict(n_frequencies=n_frequencies, n_layers=decoder_layers, width=decoder_width),
+                         final_activation=encoder_final_activation, logstd_init=encoder_logstd_init),
+            decoder=dict(n_frequencies=n_frequencies, n_layers=decoder_layers, width=decoder_width,
+                         out_init_std=float(decoder_out_init_std)),
             consensus=dict(initial_width_px=initial_width_px, min_width_px=min_width_px,
                            max_width_px=max_width_px, shared_width=shared_width),
             splat_sigma_px=splat_sigma_px,
@@ -134,10 +136,17 @@ class DynaMight(HeteroModel):
         self.warmup_updates_positions = bool(warmup_updates_positions)
         self.target_mask = bool(target_mask)
         self.encoder_phase_flip = bool(encoder_phase_flip)
+        if encoder_lowpass is not None and float(encoder_lowpass) < 2 * self.apix:
+            raise ValueError(f"model.encoder_lowpass ({encoder_lowpass} Å) must be >= Nyquist "
+                             f"(2 x {self.apix:.3g} Å) or null")
+        self.encoder_lowpass = None if encoder_lowpass is None else float(encoder_lowpass)
         self.decode_half = int(decode_half) - 1
         self.pose_refinement = bool(pose_refinement)
         mask = circular_mask(d, self.particle_diameter / (2 * self.apix), soft_edge / self.apix)
         self.register_buffer("mask", mask, persistent=False)
+        ky, kx = torch.fft.fftfreq(d)[:, None], torch.fft.rfftfreq(d)[None, :]
+        keep = (ky**2 + kx**2).sqrt() <= (self.apix / self.encoder_lowpass if self.encoder_lowpass else 1.0)
+        self.register_buffer("encoder_band", keep.float(), persistent=False)
         E.register_state(self, d, int(zdim), int(pooled_particles))
         if self.pose_refinement:
             if self.n_particles <= 0:
@@ -164,6 +173,8 @@ class DynaMight(HeteroModel):
             enc_spec = spec
             if self.encoder_phase_flip and ctf is not None:
                 enc_spec = spec * torch.sign(centered_to_rfft(ctf))
+            if self.encoder_lowpass is not None:
+                enc_spec = enc_spec * self.encoder_band
             centred = torch.fft.fftshift(torch.fft.irfft2(enc_spec, s=(d, d)), dim=(-2, -1))
             enc = centred * self.mask
             if self.target_mask:
