@@ -93,6 +93,26 @@ def test_decoder_random_last_layer_option():
         DeformationDecoder(zdim=4, box_size=64, out_init_std=-1.0)
 
 
+def test_decoder_unit_hidden_init_keeps_the_activation_scale():
+    """model.decoder_hidden_init=unit: through the reference's 8 x 32 hidden layers the body's
+    output keeps the scale of its input (within ~3x); PyTorch's default init (reference) shrinks
+    it ~100x or more, and z's influence with it."""
+    coords = torch.rand(500, 3) - 0.5
+    z = torch.randn(16, 6)
+    spread = {}
+    for init in ("reference", "unit"):
+        torch.manual_seed(0)
+        dec = DeformationDecoder(zdim=6, box_size=64, hidden_init=init)
+        h = dec.coord_in(positional_encoding(coords, 64, dec.n_frequencies))[None] + dec.latent_in(z)[:, None]
+        x = h
+        for layer in list(dec.body)[:-2]:          # the 8 hidden W x W layers
+            x = layer(x)
+        spread[init] = float(x.std() / h.std())
+    assert spread["unit"] > 0.3 and spread["reference"] < 0.02, spread
+    with pytest.raises(ValueError, match="hidden_init"):
+        DeformationDecoder(zdim=4, box_size=64, hidden_init="xavier")
+
+
 def test_encoder_logstd_init_option():
     """model.encoder_logstd_init sets the log-sigma head's bias; null keeps PyTorch's default
     init (uniform, never exactly the constant)."""

@@ -8,7 +8,11 @@ returns ``delta`` and the caller forms ``c + delta`` (residual form). As in the 
 then ``n_layers x [Linear(W -> W) + ELU]``, ``Linear(W -> 3)``, ELU, ``Linear(3 -> 3)`` whose
 weights start at zero (so ``delta = 0`` at the start); no biases. ``out_init_std > 0`` (a hetero
 option) draws that last layer from ``N(0, out_init_std^2)`` instead, so that the data term gives
-the encoder a gradient from the first step.
+the encoder a gradient from the first step. The hidden layers keep PyTorch's default init (the
+reference's), under which each ``W x W`` layer multiplies the activation variance by about 1/3:
+through 8 layers the body's output starts ~300x smaller than its input, and so does ``z``'s
+influence. ``hidden_init="unit"`` (a hetero option) draws them from ``N(0, 1/W)`` instead, which
+keeps the variance through the layers.
 
 The first layer is applied as ``W_c PE(c) + W_z z``: the ``(N, W)`` position part is computed
 once per batch and broadcast against the ``(B, W)`` latent part, so the ``(B, N, 6L + zdim)``
@@ -46,11 +50,14 @@ class DeformationDecoder(nn.Module):
     :param n_frequencies: ``L``. :param n_layers: hidden layers. :param width: their width.
     :param out_init_std: standard deviation of the last layer's initial weights (0: zeros, the
         reference's and paper's initialisation; the displacements then start exactly at 0).
+    :param hidden_init: ``"reference"`` (PyTorch's default, as the reference) or ``"unit"``
+        (hidden and ``W -> 3`` weights ``~ N(0, 1/fan_in)``: variance-preserving).
+    :raises ValueError: ``out_init_std < 0`` or an unknown ``hidden_init``.
     """
 
     def __init__(
         self, zdim: int, box_size: int, n_frequencies: int = 10, n_layers: int = 8, width: int = 32,
-        out_init_std: float = 0.0,
+        out_init_std: float = 0.0, hidden_init: str = "reference",
     ) -> None:
         super().__init__()
         self.box_size = int(box_size)
@@ -62,6 +69,12 @@ class DeformationDecoder(nn.Module):
             blocks += [nn.Linear(width, width, bias=False), nn.ELU()]
         blocks += [nn.Linear(width, 3, bias=False), nn.ELU()]
         self.body = nn.Sequential(*blocks)
+        if hidden_init not in ("reference", "unit"):
+            raise ValueError(f"hidden_init must be 'reference' or 'unit', got {hidden_init!r}")
+        if hidden_init == "unit":
+            for layer in self.body:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
         self.out = nn.Linear(3, 3, bias=False)
         if out_init_std < 0:
             raise ValueError(f"out_init_std must be >= 0, got {out_init_std}")
