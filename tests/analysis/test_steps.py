@@ -59,7 +59,7 @@ def test_clustering_step_with_method_labels(tmp_path):
     km = ctx.state["clusters"]
     assert ari_ami(labels, km.labels)["ari"] == pytest.approx(1.0)
     assert (ctx.out / "clusters" / "counts.csv").read_text().count("\n") == 4
-    assert ctx.metrics["method_labels"] == {"name": "class", "counts": [8, 10, 10], "discarded": 2}
+    assert ctx.metrics["method_labels"] == {"name": "class", "counts": [8, 10, 10], "first": 0, "discarded": 2}
     assert ctx.state["method_labels"] is method
     with pytest.raises(ValueError, match="n_clusters=40 is larger"):
         clustering(fake_context(tmp_path / "x", fake_result(z), ["n_clusters=40"]))

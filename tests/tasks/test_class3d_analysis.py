@@ -85,8 +85,12 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     assert scored["method_class"]["auc_mean"] > scored["consensus"]["auc_mean"]
     assert scored["method_class"]["auc_mean"] == pytest.approx(scored["truth_states"]["auc_mean"], abs=0.005)
     # Subsets per class and the report.
-    for k in (1, 2):  # class_001 = the particles of rlnClassNumber 1
+    for k in (1, 2):  # class_001 = the particles of rlnClassNumber 1, and its star file says so
         np.testing.assert_array_equal(np.load(out / "subsets" / f"class_{k:03d}.npy"), np.flatnonzero(classes + 1 == k))
+        sub = starfile.read(out / "subsets" / f"class_{k:03d}.star")["particles"]
+        assert set(sub["rlnClassNumber"].tolist()) == {k}
+    assert {r["group"] for r in scored["method_class"]["per_state"]} == {1, 2}  # numbered as the files
+    assert metrics["method_labels"]["first"] == 1
     # The method's own step: RELION-style star file with rlnClassNumber, per-iteration history.
     star = starfile.read(out / "class3d" / "particles.star")["particles"]
     assert len(star) == 400 and np.array_equal(star["rlnClassNumber"].to_numpy(), classes + 1)

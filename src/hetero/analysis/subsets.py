@@ -21,8 +21,11 @@ from hetero.data.io.star import write_star
 from hetero.utils.files import write_npy, write_text
 
 
-def write_subset(folder: str | Path, name: str, table, indices: np.ndarray) -> dict[str, Path]:
-    """Write one subset; returns ``{"star", "npy", "txt"}`` paths.
+def write_subset(
+    folder: str | Path, name: str, table, indices: np.ndarray, columns: dict[str, np.ndarray] | None = None
+) -> dict[str, Path]:
+    """Write one subset; returns ``{"star", "npy", "txt"}`` paths. ``columns``: particle columns
+    over all ``N`` particles to add or replace in the star file (e.g. ``rlnClassNumber``).
 
     :raises ValueError: indices out of range. Errors of the star writer propagate (a subset
         without its ``.star`` is never reported as written).
@@ -37,7 +40,7 @@ def write_subset(folder: str | Path, name: str, table, indices: np.ndarray) -> d
         "txt": write_text(folder / f"{name}.txt", "".join(f"{i}\n" for i in idx)),
     }
     star = folder / f"{name}.star"
-    write_star(star, table, indices=idx)
+    write_star(star, table, indices=idx, columns=columns)
     files["star"] = star
     return files
 

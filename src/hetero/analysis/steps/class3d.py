@@ -4,7 +4,9 @@ beside its maps.
 - ``class3d/particles.star``: every particle with the original columns plus ``rlnClassNumber``
   (1-based argmax class of replicate 0, as RELION numbers classes) and
   ``rlnMaxValueProbDistribution`` (its posterior there); with ``U > 1`` replicates, one
-  ``class3d/particles_replicate_UUU.star`` per replicate (particles it contains only);
+  ``class3d/particles_replicate_UUU.star`` per replicate (particles it contains only) and the
+  class maps of replicates 1.. in ``maps/method/replicate_UUU/class_NNN.mrc`` (replicate 0's
+  are the method's state maps, ``maps/method/class_NNN.mrc``);
 - ``class3d/iterations.csv``: per EM iteration and class (replicate 0): class fraction
   (``fraction_K``), resolution in Å (``resolution_angstrom_K``; ``model.class_resolution``:
   RELION's SSNR = 1 estimate, or half-set FSC = 0.143), the resolution in Å where FSC(new,
@@ -75,14 +77,21 @@ def class3d(ctx) -> None:
     pmax = np.asarray(result.per_particle["max_prob"], dtype=np.float64)
     ctx.files.append(write_star(
         out / "particles.star", table, np.flatnonzero(classes >= 0),
-        columns={"rlnClassNumber": classes + 1, "rlnMaxValueProbDistribution": pmax}))
+        columns={"rlnClassNumber": classes + model.label_first, "rlnMaxValueProbDistribution": pmax}))
     rep_cls = result.per_particle.get("replicate_class")
     if rep_cls is not None:
         rep_p = np.asarray(result.per_particle["replicate_max_prob"], dtype=np.float64)
         for u in range(rep_cls.shape[1]):
             ctx.files.append(write_star(
                 out / f"particles_replicate_{u:03d}.star", table, np.flatnonzero(rep_cls[:, u] >= 0),
-                columns={"rlnClassNumber": rep_cls[:, u] + 1, "rlnMaxValueProbDistribution": rep_p[:, u]}))
+                columns={"rlnClassNumber": rep_cls[:, u] + model.label_first, "rlnMaxValueProbDistribution": rep_p[:, u]}))
+    if model.n_replicates > 1:  # replicate 0's maps are the method's state maps (maps/method/)
+        from hetero.analysis.volumes import resample_to_box
+
+        for u in range(1, model.n_replicates):
+            vols = resample_to_box(model.maps[u].detach().float().cpu(), float(model.template_voxel_size()),
+                                   ctx.box, ctx.apix)
+            ctx.write_series(f"maps/method/replicate_{u:03d}", vols, "class", first=model.label_first)
     blocks.append(R.file_list(ctx.out, [p for p in ctx.files if out in p.parents]))
 
 

@@ -145,6 +145,7 @@ def _method_labels(ctx, blocks: list[str]) -> None:
     ctx.metrics["method_labels"] = {
         "name": name,
         "counts": counts.tolist(),
+        "first": int(ctx.result.label_first),  # the number of counts[0] in file names and tables
         "discarded": int((labels < 0).sum()),
     }
     first = ctx.result.label_first

@@ -96,6 +96,7 @@ def reconstruction(ctx) -> None:
         preweight_iterations=int(rc.preweight_iterations),
     )
     ctx.state["reconstructed"] = {}
+    ctx.state["reconstructed_first"] = {kind: first for kind, (_, _, first) in groups.items()}
     ctx.metrics["reconstructed"] = {}
     blocks.append(
         R.paragraph(

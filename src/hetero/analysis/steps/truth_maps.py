@@ -58,7 +58,8 @@ def score_reconstructions(ctx) -> None:
             curve = row.pop("curve")
             if kind in ("clusters", "truth_states") and len(states) <= 10:
                 curves[f"{kind.replace('_', ' ')}: state {s}"] = curve
-            rows.append({"state": s, "group": g, "particles": groups[g].n_particles, **row})
+            first = ctx.state.get("reconstructed_first", {}).get(kind, 0)  # as in the file names
+            rows.append({"state": s, "group": g + first, "particles": groups[g].n_particles, **row})
         if rows:
             scored[kind] = {
                 "per_state": rows,

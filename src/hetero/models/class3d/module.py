@@ -184,7 +184,12 @@ class Class3D(HeteroModel):
 
     # ------------------------------------------------------------------ interface
     def state_maps(self) -> Tensor:
-        """``(U * K, D, D, D)`` class maps, replicate-major, voxel size :meth:`template_voxel_size`."""
+        """``(K, D, D, D)`` class maps of replicate 0 (the classes of the labels and star file),
+        voxel size :meth:`template_voxel_size`."""
+        return self.maps[0].detach().float().cpu()
+
+    def replicate_maps(self) -> Tensor:
+        """``(U * K, D, D, D)`` class maps of every replicate, replicate-major."""
         return self.maps.detach().reshape(-1, *self.maps.shape[-3:]).float().cpu()
 
     def decode(self, z: Tensor) -> Tensor:

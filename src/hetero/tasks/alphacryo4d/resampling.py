@@ -91,7 +91,7 @@ def _class3d(ctx):
         device = "cuda" if torch.cuda.is_available() and accel in ("gpu", "cuda", "auto") else "cpu"
         classes = predict_replicate_classes(model, dm.predict_dataloader(shard=False), device,
                                             info["n_particles"], n_unions)
-        maps = model.state_maps().float().cpu().numpy()
+        maps = model.replicate_maps().float().cpu().numpy()
         if maps.shape[0] != n_unions * k:
             raise RuntimeError(f"class3d returned {maps.shape[0]} maps for {n_unions} unions x {k} classes")
         write_npy(paths["volumes"], maps.astype(np.float32))
