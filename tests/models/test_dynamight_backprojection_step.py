@@ -195,11 +195,18 @@ def test_regions_split_over_passes_give_the_one_pass_maps(tmp_path_factory):
     counted = lambda b: calls.append(1) or loader(b)  # noqa: E731
     split = half_maps(counted, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
                       _cfg(max_memory_gb=2.5 * slot).backprojection)
-    assert len(calls) == 6  # passes [0] (+ rigid), [1, 2], [3], each twice (rigid only the first time)
+    assert len(calls) == 5  # passes [0] (+ rigid), [1, 2], [3]; then [3] kept, [0] and [1, 2] read again
     for kind in ("deformed", "rigid"):
         for h in ("half1", "half2"):
             scale = float(one[kind][h].abs().max())
             torch.testing.assert_close(split[kind][h], one[kind][h], rtol=0, atol=1e-5 * scale, msg=f"{kind} {h}")
+    calls.clear()  # one slot: the rigid pass alone first, then one region per pass
+    tight = half_maps(counted, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
+                      _cfg(max_memory_gb=1.5 * slot).backprojection)
+    assert len(calls) == 5 + 3  # [] (rigid), [0], [1], [2], [3]; then [3] kept, [0], [1], [2] again
+    for h in ("half1", "half2"):
+        scale = float(one["deformed"][h].abs().max())
+        torch.testing.assert_close(tight["deformed"][h], one["deformed"][h], rtol=0, atol=1e-5 * scale)
     with pytest.raises(ValueError, match="max_memory_gb"):
         half_maps(loader, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
                   _cfg(max_memory_gb=0.5 * slot).backprojection)

@@ -215,6 +215,7 @@ def same_partitions(labelings: Mapping[str, np.ndarray]) -> dict[str, tuple[str,
     exactly the particles of group ``g`` (same unlabelled ``-1`` particles, no empty group in
     either). Their maps are the earlier labeling's, reconstructed once."""
     out: dict[str, tuple[str, np.ndarray]] = {}
+    labelings = {k: np.asarray(v).astype(np.int64).ravel() for k, v in labelings.items()}
     names = list(labelings)
     for j, name in enumerate(names):
         lab = labelings[name]

@@ -329,7 +329,10 @@ class Class3D(HeteroModel):
             return
         self._logged = True
         logs = dict(self._epoch_logs)
-        if not self._val_seen:
+        seen = torch.tensor([float(self._val_seen)], device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)  # one choice on every rank
+        if not bool(seen.item()):
             logs["val/loss"] = logs.get("train/nll_per_pixel", math.inf)
         for name, value in logs.items():  # identical on every rank (reduced statistics)
             self.log(name, float(value), prog_bar=name in ("val/loss", "train/changes"), sync_dist=True)

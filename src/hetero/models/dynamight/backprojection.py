@@ -278,30 +278,32 @@ def reconstruct_half_maps_in_passes(accumulate, passes: list[list[int]], weights
     """:func:`reconstruct_half_maps` with at most one pass's regions in memory at once.
 
     :param accumulate: ``regions -> [half 1, half 2]`` :class:`DeformedBackprojection` holding
-        those regions (in that order), e.g. one pass over the data; called twice per pass
-        (once per step of :func:`reconstruct_half_maps`) unless there is a single pass.
+        those regions (in that order), e.g. one pass over the data; called once per pass for
+        the first step of :func:`reconstruct_half_maps` and again for every non-empty pass but
+        the last, whose sums are kept for the second step (one call with a single pass).
     :param passes: :func:`region_passes`. :param weights: ``(half, regions) -> (len(regions),
         D, D, D)`` blending weights of those regions.
     :return: as :func:`reconstruct_half_maps`.
     """
-    kept = None
     first: list[Tensor | int] = [0, 0]
+    halves = None
     for chunk in passes:
+        halves = None  # free the previous pass's sums before accumulating the next
         halves = accumulate(chunk)
-        if len(passes) == 1:
-            kept = halves
         for h in (0, 1):
             if chunk:
                 first[h] = first[h] + blend(halves[h].region_maps(wiener_snr), weights(h, chunk))
-        del halves
     curve = fsc(first[0], first[1])
     ssnr = half_map_ssnr(curve)
     maps: list[Tensor | int] = [0, 0]
-    for chunk in (c for c in passes if c):
-        halves = kept if kept is not None else accumulate(chunk)
+    todo = [passes[-1]] + [c for c in passes[:-1] if c]  # the last pass's sums are still here
+    for i, chunk in enumerate(todo):
+        if i > 0:
+            halves = None
+            halves = accumulate(chunk)
         for h in (0, 1):
             maps[h] = maps[h] + blend(halves[h].region_maps(data_vs_prior=ssnr), weights(h, chunk)).cpu()
-        del halves
+    del halves
     return {"half1": maps[0], "half2": maps[1], "fsc_prior": curve.cpu(), "ssnr": ssnr.cpu()}
 
 

@@ -79,7 +79,7 @@ def backproject_halves(make_loader, half_sets: np.ndarray, deformers, regions: l
                        dtype: torch.dtype = torch.float32, device="cpu", local_rotation: bool = True,
                        preweight_iterations: int = 10, progress=None, subset: list[int] | None = None,
                        rigid: bool = True) -> dict[str, list[DeformedBackprojection]]:
-    """Accumulate every particle of each half set, deformed and rigid, in one pass.
+    """Accumulate every particle of each half set, deformed and rigid, in one pass over the data.
 
     :param make_loader: ``batches -> iterable of particle batches`` at the original box
         (``image``, ``rotation``, ``origin_px``, ``ctf``, ``apix``, ``index``, ``half``).
@@ -99,7 +99,8 @@ def backproject_halves(make_loader, half_sets: np.ndarray, deformers, regions: l
     half_sets = np.asarray(half_sets, dtype=np.int64)
     keys = np.stack([np.zeros_like(half_sets), half_sets], 1)
     batches = plan_batches(keys, batch_size)[dist.rank()::dist.world_size()]
-    task = progress.add_task("Deformed backprojection", total=len(batches)) if progress else None
+    what = "rigid only" if not subset else f"regions {subset[0] + 1}-{subset[-1] + 1} of {regions[0].n}"
+    task = progress.add_task(f"Deformed backprojection ({what})", total=len(batches)) if progress else None
     for batch in make_loader(batches):
         index = batch["index"].cpu().numpy()
         h = int(half_sets[index[0]])
@@ -193,8 +194,10 @@ def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: in
               progress=None) -> dict:
     """Deformed and rigid half maps (:func:`reconstruct_half_maps`), in one pass over the data
     when the ``2 x (R + 1)`` accumulators fit in ``bc.max_memory_gb``, else in several: the
-    rigid sums and as many regions as fit in the first, the other regions in the next ones,
-    each pass made twice (the regions' maps are needed before and after the FSC prior).
+    rigid sums and as many regions as fit in the first, the other regions in the next ones; the
+    regions' maps are needed before and after the FSC prior, so every pass but the last is read
+    twice (:func:`reconstruct_half_maps_in_passes`). Memory counted: the accumulators (blending
+    weights and region maps, ``D^3`` each, come on top).
 
     :raises ValueError: not even the rigid pair of accumulators fits.
     """
@@ -209,9 +212,10 @@ def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: in
                          f"(the rigid pair, one per half set); allowed backprojection.max_memory_gb="
                          f"{bc.max_memory_gb}: lower backprojection.pad_factor or raise max_memory_gb") from None
     if len(passes) > 1:
-        log.info("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators, more than "
-                 "backprojection.max_memory_gb=%s: %d passes over the data, each made twice", n_regions,
-                 (n_regions + 1) * per_half / 2**30, bc.max_memory_gb, len(passes))
+        reads = len(passes) + sum(1 for c in passes[:-1] if c)
+        log.warning("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators, more than "
+                    "backprojection.max_memory_gb=%s: regions split over %d passes, %d reads of the data",
+                    n_regions, (n_regions + 1) * per_half / 2**30, bc.max_memory_gb, len(passes), reads)
     wiener, rigid = float(bc.wiener_snr), {}
 
     def accumulate(subset):

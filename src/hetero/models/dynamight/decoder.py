@@ -76,7 +76,7 @@ class DeformationDecoder(nn.Module):
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
         self.out = nn.Linear(3, 3, bias=False)
-        if out_init_std < 0:
+        if not math.isfinite(out_init_std) or out_init_std < 0:
             raise ValueError(f"out_init_std must be >= 0, got {out_init_std}")
         if out_init_std > 0:
             nn.init.normal_(self.out.weight, 0.0, float(out_init_std))

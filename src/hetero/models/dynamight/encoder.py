@@ -11,6 +11,8 @@ The output is ``(mu, log sigma)`` as everywhere in hetero (the reference predict
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
@@ -51,6 +53,8 @@ class HalfSetEncoder(nn.Module):
         self.mu = nn.Linear(widths[-1], zdim)
         self.logstd = nn.Linear(widths[-1], zdim)
         if logstd_init is not None:
+            if not math.isfinite(float(logstd_init)):
+                raise ValueError(f"logstd_init must be finite or None, got {logstd_init}")
             nn.init.constant_(self.logstd.bias, float(logstd_init))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

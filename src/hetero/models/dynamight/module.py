@@ -137,9 +137,9 @@ class DynaMight(HeteroModel):
         self.warmup_updates_positions = bool(warmup_updates_positions)
         self.target_mask = bool(target_mask)
         self.encoder_phase_flip = bool(encoder_phase_flip)
-        if encoder_lowpass is not None and float(encoder_lowpass) < 2 * self.apix:
-            raise ValueError(f"model.encoder_lowpass ({encoder_lowpass} Å) must be >= Nyquist "
-                             f"(2 x {self.apix:.3g} Å) or null")
+        if encoder_lowpass is not None and not 2 * self.apix <= float(encoder_lowpass) <= d * self.apix / 2:
+            raise ValueError(f"model.encoder_lowpass ({encoder_lowpass} Å) must lie between Nyquist "
+                             f"(2 x {self.apix:.3g} Å) and half the box ({d * self.apix / 2:.4g} Å), or be null")
         self.encoder_lowpass = None if encoder_lowpass is None else float(encoder_lowpass)
         self.decode_half = int(decode_half) - 1
         self.pose_refinement = bool(pose_refinement)
