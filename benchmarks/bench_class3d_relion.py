@@ -50,7 +50,6 @@ import numpy as np
 import starfile
 from _common import machine, run_measured
 from bench_accuracy import run_oracle, synthetic_dataset
-from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,12 +61,12 @@ def scores(truth: np.ndarray, labels: np.ndarray) -> dict:
     precision and recall (:func:`hetero.analysis.classification.classification_scores`) and the
     discarded fraction."""
     from hetero.analysis.classification import classification_scores, matched_precision_recall
+    from hetero.analysis.metrics import ari_ami
 
     kept = labels >= 0
     matched = matched_precision_recall(truth, labels)
     majority = classification_scores(truth, labels)
-    return {"ari": float(adjusted_rand_score(truth[kept], labels[kept])),
-            "ami": float(adjusted_mutual_info_score(truth[kept], labels[kept])),
+    return {**ari_ami(truth[kept], labels[kept]),
             "class_sizes": np.bincount(labels[kept]).tolist(),
             "discard_fraction": matched["discard_fraction"],
             "precision_matched": matched["precision_macro"], "recall_matched": matched["recall_macro"],

@@ -76,17 +76,11 @@ def score(model, dm) -> dict:
     from sklearn.linear_model import LinearRegression
     from sklearn.model_selection import cross_val_predict
 
+    from hetero.analysis.inference import predict_particles
     from hetero.data.synthetic import load_truth
 
-    model.eval()
-    out: dict[str, list] = {}
-    for batch in dm.predict_dataloader():
-        for k, v in model.predict_step(batch).items():
-            out.setdefault(k, []).append(v.cpu().numpy())
-    a = {k: np.concatenate(v) for k, v in out.items()}
-    order = np.argsort(a.pop("index"))
-    a = {k: v[order] for k, v in a.items()}
-    t = np.asarray(load_truth(dm.truth_dir)["t"]).reshape(len(order), -1)[:, 0]
+    a = predict_particles(model, dm.predict_dataloader(), progress=False)  # input order
+    t = np.asarray(load_truth(dm.truth_dir)["t"]).reshape(len(a["half"]), -1)[:, 0]
     res = {}
     for h in (0, 1):
         own = np.flatnonzero(a["half"] == h)

@@ -73,23 +73,21 @@ class Regions:
     def n(self) -> int:
         return int(self.centres.shape[0])
 
-    def weights(self, box_size: int, apix: float, device=None, subset: list[int] | None = None) -> Tensor:
+    def weights(self, box_size: int, apix: float, device=None) -> Tensor:
         """``(R, D, D, D)`` blending weights on a ``D^3`` grid of ``apix`` Å (voxel ``[z, y, x]``
         at ``((x, y, z) index - D // 2) * apix``): ``w_r = softmax_r(-|x - c_r| / sigma)``, a
         partition of unity (sum 1 in every voxel) whose transition between two regions is a
         logistic of width ``~2 sigma`` whatever their distance (a softmax of squared distances
         would make hard edges between distant centres, whose multiplication into the region
-        maps would add high-frequency structure common to both half maps). ``subset``: only
-        those regions' weights (still normalised over all regions)."""
+        maps would add high-frequency structure common to both half maps)."""
         from hetero.models.dynamight.inverse import grid_points
 
-        rows = list(range(self.n)) if subset is None else [int(r) for r in subset]
         if self.n == 1:
-            return torch.ones((len(rows),) + (box_size,) * 3, device=device)
+            return torch.ones((1,) + (box_size,) * 3, device=device)
         x = grid_points(box_size, apix, device=device)
         d = torch.cdist(x, self.centres.to(x))  # (M, R)
-        w = torch.softmax(-d / self.sigma, dim=1)[:, rows]
-        return w.T.reshape((len(rows),) + (box_size,) * 3)
+        w = torch.softmax(-d / self.sigma, dim=1)
+        return w.T.reshape((self.n,) + (box_size,) * 3)
 
 
 def make_regions(points: Tensor, n_regions: int, sigma_angstrom: float | None = None, seed: int = 0) -> Regions:

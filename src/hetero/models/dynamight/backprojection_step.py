@@ -226,8 +226,8 @@ def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: in
             rigid.update(reconstruct_half_maps(sums.pop("rigid"), [torch.ones(1, box, box, box)] * 2, wiener))
         return sums["deformed"]
 
-    deformed = reconstruct_half_maps_in_passes(
-        accumulate, passes, lambda h, subset: regions[h].weights(box, apix, subset=subset), wiener)
+    weights = [r.weights(box, apix) for r in regions]  # (R, D^3) floats each: computed once
+    deformed = reconstruct_half_maps_in_passes(accumulate, passes, lambda h, subset: weights[h][subset], wiener)
     return {"deformed": deformed, "rigid": rigid}
 
 
