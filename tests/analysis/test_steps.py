@@ -236,6 +236,18 @@ def test_min_cluster_fraction_outside_0_1_is_refused(tmp_path, fraction):
         clustering(ctx)
 
 
+def test_n_clusters_below_one_is_refused_by_the_option_check(tmp_path):
+    """analyze() runs clustering.check_options before writing anything over an earlier analysis
+    (n_clusters=0 failed inside k-means after the PCA files were rewritten)."""
+    from hetero.analysis.steps.clustering import check_options
+    from hetero.utils.errors import ConfigError
+
+    ctx = fake_context(tmp_path, fake_result(_specks()), ["n_clusters=0"])
+    with pytest.raises(ConfigError, match="n_clusters must be >= 1"):
+        check_options(ctx.cfg)
+    assert check_options(fake_context(tmp_path / "b", fake_result(_specks()), ["n_clusters=3"]).cfg) >= 0
+
+
 def test_empty_clusters_are_called_empty_not_small(tmp_path):
     """On 3 distinct points with min_cluster_fraction=0 only empty clusters are refitted away; the
     note must not tell the user to set the option they already set."""

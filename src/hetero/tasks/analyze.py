@@ -80,6 +80,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             "run of that method trained before the step existed: add the step to steps=[...] "
             "(its dotted path)."
         )
+    from hetero.analysis.steps.clustering import check_options
+
+    check_options(cfg)  # before anything is written over an earlier analysis
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

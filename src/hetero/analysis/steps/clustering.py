@@ -31,6 +31,17 @@ def label_slug(name: str | None) -> str:
     return "".join(c if c.isalnum() else "_" for c in (name or "label").strip().lower()) or "label"
 
 
+def check_options(cfg) -> float:
+    """Refuse ``n_clusters < 1`` and ``kmeans.min_cluster_fraction`` outside ``[0, 1)`` (called
+    before the analysis writes anything); returns the fraction."""
+    if int(cfg.n_clusters) < 1:
+        raise ConfigError(f"n_clusters must be >= 1, got {cfg.n_clusters}")
+    fraction = float(cfg.kmeans.min_cluster_fraction)
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"kmeans.min_cluster_fraction must be in [0, 1), got {fraction:g}")
+    return fraction
+
+
 def _check_subset_ids(cfg, k: int, k_requested: int) -> None:
     """Refuse ``subsets.clusters`` ids beyond the clusters k-means kept, now rather than after the
     reconstructions (the subsets step comes last)."""
@@ -62,9 +73,7 @@ def clustering(ctx) -> None:
     k = int(cfg.n_clusters)
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of particles ({n})")
-    fraction = float(cfg.kmeans.min_cluster_fraction)
-    if not 0 <= fraction < 1:
-        raise ConfigError(f"kmeans.min_cluster_fraction must be in [0, 1), got {fraction:g}")
+    fraction = check_options(cfg)
     task = ctx.progress.add_task(f"k-means (K={k})", total=None)
     min_size = max(1, math.ceil(fraction * n))
     km, tried = L.kmeans_without_specks(z, k, min_size, seed=int(cfg.kmeans.seed), n_init=int(cfg.kmeans.n_init))

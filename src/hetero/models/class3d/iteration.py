@@ -57,8 +57,10 @@ def check_options(init: str, tau2_source: str, class_resolution: str, accumulato
     for name, (value, choices) in allowed.items():
         if value not in choices:
             raise ConfigError(f"model.{name} must be one of {', '.join(choices)}; got {value!r}")
-    if tau2_fudge <= 0 or not 1 <= int(n_classes) <= 127:
-        raise ConfigError(f"model.tau2_fudge must be > 0 and model.n_classes in 1..127; got {tau2_fudge}, {n_classes}")
+    if not 1 <= int(n_classes) <= 127:
+        raise ConfigError(f"model.n_classes must be in 1..127; got {n_classes}")
+    if tau2_fudge <= 0:
+        raise ConfigError(f"model.tau2_fudge must be > 0; got {tau2_fudge}")
     if int(n_iterations) < 2:
         # 0 trains nothing (no checkpoint); 1 is only the seeding iteration: random classes
         raise ConfigError("model.n_iterations must be >= 2 (the first is the seeding iteration; the default is "
