@@ -6,7 +6,8 @@ parameter ``t``), the deformation of every particle is the true one (consensus =
 deformations can give, and a check of the backprojection itself. Reported, for the deformed and
 the rigid backprojection of the same particles (each half set its own particles):
 
-- half-map FSC=0.143 resolution (Å), unmasked and with a soft mask from the true consensus;
+- half-map FSC=0.143 resolution (Å), unmasked and with a soft mask from the true consensus
+  (masked: corrected by phase randomisation as ``relion_postprocess``; uncorrected beside it);
 - FSC=0.5 against the true structure in the consensus conformation, and its mean over shells,
   inside the moving domain (mask from the ground-truth arm) and in the rest.
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from _common import machine
 
+from hetero.analysis.resolution import half_map_resolution
 from hetero.data.datamodule import ParticleDataModule
 from hetero.data.synthetic import PseudoAtomMolecule, SyntheticDataset, load_truth, rasterize
 from hetero.models.dynamight.backprojection import make_regions, reconstruct_half_maps
@@ -78,9 +80,14 @@ def measure(snr: float, n: int, box: int, apix: float, regions: int, cache: Path
         full = (m["half1"] + m["half2"]) / 2
         row = {}
         for name, mask in masks.items():
-            half = fsc(m["half1"], m["half2"], mask)
+            # masked: RELION's phase-randomisation correction (a tight mask alone correlates the
+            # half maps up to Nyquist); the uncorrected value is kept beside it
+            half = half_map_resolution(m["half1"], m["half2"], apix, mask)
+            key = "unmasked" if mask is None else "masked"
             truth = fsc(full, ref, mask)
-            row[name] = {"half_map_res_0.143": fsc_resolution(half, box, apix, 0.143),
+            row[name] = {"half_map_res_0.143": half[f"res_0.143_{key}"],
+                         "half_map_res_0.143_uncorrected": half["res_0.143_unmasked" if mask is None
+                                                                else "res_0.143_masked_uncorrected"],
                          "truth_res_0.5": fsc_resolution(truth, box, apix, 0.5),
                          "truth_fsc_mean": float(truth[1:].mean())}
         out[kind] = row

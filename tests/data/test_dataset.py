@@ -143,6 +143,12 @@ def _dm(star_path, tmp_path, **kw) -> ParticleDataModule:
     return ParticleDataModule(**args)
 
 
+def test_missing_particle_file_names_the_option(tmp_path):
+    dm = _dm(tmp_path / "run_data.star", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"run_data.star: particle file does not exist.*data.particles="):
+        dm.prepare_data()
+
+
 # -- dataset ----------------------------------------------------------------------------------
 def test_item_contract(table):
     ds = ParticleDataset(table)

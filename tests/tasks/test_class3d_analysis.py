@@ -5,6 +5,7 @@ the method's labels, class maps as its state maps), scored against the truth."""
 from __future__ import annotations
 
 import json
+import re
 
 import mrcfile
 import numpy as np
@@ -100,6 +101,11 @@ def test_class3d_run_is_analysed_per_class(tmp_path):
     assert "fsc_change_angstrom_1" in history[0].split(",")
     report = (out / "report.html").read_text()
     assert "<h2>Classification</h2>" in report and "own class assignment" in report
+    assert "Class distribution per EM iteration" in report
+    assert (out / "figures" / "class3d_distribution.png").is_file()
+    # the final class table gives the hard counts of particles.star beside the soft distribution
+    for k, count in enumerate(np.bincount(classes, minlength=2)):
+        assert re.search(rf'<tr><td class="num">{k + 1}</td><td class="num">[^<]+</td><td class="num">{count}</td>', report), k
     # training's "still changing" warning is repeated where the result is read, exactly when due
     last_changes = float(history[-1].split(",")[history[0].split(",").index("changes")])
     assert metrics["class3d"]["settled"] == (last_changes <= 0.01)

@@ -135,6 +135,29 @@ def cluster_sizes(path: str | Path, counts: np.ndarray) -> Path:
     return _save(fig, path)
 
 
+def class_distribution(path: str | Path, fractions: np.ndarray, first: int = 1) -> Path:
+    """Class distribution (fraction of the particles, posterior-weighted) per EM iteration.
+
+    :param fractions: ``(iterations, K)``; row ``i`` is iteration ``i + 1``.
+    :param first: the number of the first class in the legend (RELION: 1).
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    n_iter, k = fractions.shape
+    fig = _figure(5.5, 3.5)
+    ax = fig.add_subplot()
+    cmap = _cmap(k)
+    x = np.arange(1, n_iter + 1)
+    for c in range(k):
+        color = cmap(c / max(k - 1, 1)) if k > 20 else cmap(c % cmap.N)
+        ax.plot(x, fractions[:, c], "o-", ms=3, color=color, label=f"class {c + first}")
+    ax.set_xlabel("EM iteration")
+    ax.set_ylabel("class distribution")
+    ax.set_ylim(0, min(1.0, float(np.nanmax(fractions, initial=0.0)) * 1.1 + 0.01))
+    if k <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
 def loss_curves(path: str | Path, metrics_csv: str | Path) -> Path | None:
     """Loss terms from a Lightning CSVLogger ``metrics.csv`` against the global step.
 

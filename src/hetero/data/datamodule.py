@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hetero.data.dataset import ParticleDataset, collate_particles, estimate_normalization
-from hetero.data.io.errors import InputError
+from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.readers import read_particles
 from hetero.data.loader import ResumableDataLoader
 from hetero.data.particles import ParticleTable
@@ -495,6 +495,9 @@ class ParticleDataModule(L.LightningDataModule):
         path = ensure() if callable(ensure) else self.particles
         if path is None or str(path) == "":
             raise InputError("data.particles is not set: give a .star/.cs/.mrcs/.txt path")
+        if not callable(ensure) and not Path(path).is_file():
+            raise MissingFileError(f"{path}: particle file does not exist (data.particles={path}); "
+                                   "pass data.particles=<your .star/.cs/.mrcs/.txt>")
         self.truth_dir = getattr(self.particles, "truth_dir", self.truth_dir)
         return str(path)
 

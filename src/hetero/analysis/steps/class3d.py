@@ -13,7 +13,10 @@ beside its maps.
   previous map) drops below 0.5 (``fsc_change_angstrom_K``), and per iteration
   the current resolution, mean log-likelihood, fraction of changed assignments and mean max
   posterior (RELION's ``_model.star`` and ``_optimiser`` quantities);
-- a report section "Classification" with those tables and a class-size plot.
+- a report section "Classification" with those tables (class distribution: the posterior-weighted
+  fraction, RELION's ``rlnClassDistribution``; particles: how many have the class as their most
+  probable one, as in ``particles.star``) and the class distribution per iteration
+  (``figures/class3d_distribution.png``).
 
 Reads the model from ``ctx.result.extras["model"]`` (the generic loader puts it there) and the
 per-particle arrays from ``ctx.result``; needs the particle table for the star files.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hetero.analysis import plots as P
 from hetero.analysis import report as R
 from hetero.data.io.star_writer import write_star
 from hetero.models.class3d.diagnostics import unsettled_message
@@ -61,19 +65,23 @@ def class3d(ctx) -> None:
     rows = [(r["iteration"], r["current_resolution_angstrom"], r["loglik"], r["changes"], r["pmax"],
              *(r[f"fraction_{c + 1}"] for c in range(k))) for r in history]
     blocks.append(R.table(rows, ["iteration", "current resolution (Å)", "log-likelihood", "changes",
-                                 "mean max posterior", *(f"class {c + 1}" for c in range(k))]))
+                                 "mean max posterior", *(f"class {c + 1} distribution" for c in range(k))]))
+    classes = np.asarray(result.labels)
     if history:
+        counts = np.bincount(classes[classes >= 0], minlength=k)
         blocks.append(R.table(
-            [(c + 1, last[f"fraction_{c + 1}"], last[f"resolution_angstrom_{c + 1}"],
+            [(c + 1, last[f"fraction_{c + 1}"], int(counts[c]), last[f"resolution_angstrom_{c + 1}"],
               last[f"fsc_change_angstrom_{c + 1}"])
              for c in range(k)],
-            ["class", "fraction", {"ssnr": "resolution, SSNR = 1 (Å)"}.get(model.cfg.class_resolution,
-                                                                           "half-set FSC 0.143 (Å)"),
+            ["class", "class distribution (posterior-weighted)", "particles (most probable class)",
+             {"ssnr": "resolution, SSNR = 1 (Å)"}.get(model.cfg.class_resolution, "half-set FSC 0.143 (Å)"),
              "FSC vs previous iteration 0.5 (Å)"]))
+        fractions = np.array([[r[f"fraction_{c + 1}"] for c in range(k)] for r in history])
+        blocks.append(R.image(P.class_distribution(ctx.fig_dir / "class3d_distribution.png", fractions,
+                                                   model.label_first), "Class distribution per EM iteration"))
     table = ctx.datamodule("class3d star file").table
     if len(table) != result.n_particles:
         raise ValueError(f"the data have {len(table)} particles but the run's posteriors {result.n_particles}")
-    classes = np.asarray(result.labels)
     pmax = np.asarray(result.per_particle["max_prob"], dtype=np.float64)
     ctx.files.append(write_star(
         out / "particles.star", table, np.flatnonzero(classes >= 0),
