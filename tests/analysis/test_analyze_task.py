@@ -162,3 +162,36 @@ def test_missing_stack_stops_the_analysis_naming_it(tmp_path):
         analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false"]))
     assert str(stack) in str(err.value) and "data.datadir=" in str(err.value)
     assert not (run / "analysis" / "report.html").exists()
+
+
+def test_a_failed_reanalysis_leaves_the_earlier_one_unchanged(tmp_path):
+    """Re-analysing with other options and failing partway (here: the stack moved after the
+    first analysis, so the reconstructions fail after the clusters were written) puts back the
+    earlier analysis file for file; a successful one then replaces it as a whole."""
+    run, _ = make_run_dir(tmp_path, n_per_state=4)
+    out = run / "analysis"
+    analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false"]))
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert json.loads((out / "metrics.json").read_text())["clusters"]["k"] == 2
+    stack = tmp_path / "data" / "particles.mrcs"
+    moved = stack.with_suffix(".moved")
+    stack.rename(moved)
+    with pytest.raises(Exception, match="particles.mrcs"):
+        analyze(compose_analyze([f"run_dir={run}", "n_clusters=3", "umap.enabled=false"]))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
+    assert not (run / ".analysis.previous").exists()
+    moved.rename(stack)
+    analyze(compose_analyze([f"run_dir={run}", "n_clusters=3", "umap.enabled=false"]))
+    assert json.loads((out / "metrics.json").read_text())["clusters"]["k"] == 3
+    assert (out / "subsets" / "cluster_002.npy").is_file()
+    assert not (run / ".analysis.previous").exists()
+
+
+def test_an_output_dir_that_is_not_an_analysis_is_refused(tmp_path):
+    run, _ = make_run_dir(tmp_path, n_per_state=2)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"output_dir=.*mine holds files that are not an analysis \(notes.txt\)"):
+        analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false", f"output_dir={other}"]))
+    assert (other / "notes.txt").read_text() == "keep me" and [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -17,6 +17,10 @@ Output folder (``cfg.output_dir``, default ``<run_dir>/analysis``)::
                                  half maps from the particles, FSC curves, resolution.csv, .cxc
     subsets/                     cluster_000.star / .npy / .txt ...
     figures/                     the PNGs of the report
+
+A re-analysis into the same folder replaces the earlier analysis as a whole: the earlier files
+wait in ``.analysis.previous/`` beside it until the new analysis has finished and are put back
+if it fails, so the folder never mixes two analyses (the ``latents/`` cache stays throughout).
 """
 
 from __future__ import annotations
@@ -53,12 +57,13 @@ def _progress(enabled: bool):
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
-    """Run the analysis of ``cfg.run_dir``; returns the metrics dict (also in metrics.json)."""
-    from hetero.analysis.context import AnalysisContext
-    from hetero.analysis.result import load_result, validate_result
+    """Run the analysis of ``cfg.run_dir``; returns the metrics dict (also in metrics.json).
+
+    A re-analysis into the same ``output_dir`` replaces the earlier one as a whole: if it fails
+    (or is interrupted), the earlier files are put back (module docstring).
+    """
     from hetero.analysis.rundir import RunDir
     from hetero.analysis.steps import resolve_step, unclaimed_options
-    from hetero.utils.files import write_text
 
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -84,7 +89,51 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
     check_options(cfg)  # before anything is written over an earlier analysis
     out = Path(str(cfg.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
+    replacement = _replacement(out)
+    if replacement.begin():
+        log.warning(f"{out}: an earlier analysis was interrupted; the one before it was restored first")
+    try:
+        metrics = _analyze(cfg, run, steps, out, start)
+    except BaseException:
+        earlier = replacement.had_contents()
+        replacement.rollback()
+        log.error(f"The analysis did not finish: {out} "
+                  + ("holds the earlier analysis, unchanged" if earlier else "holds no analysis")
+                  + " (the latents/ cache is kept)")
+        raise
+    replacement.commit()
+    return metrics
+
+
+#: what an analysis folder holds at its top level (an output_dir with anything else is refused)
+_ANALYSIS_ENTRIES = ("analyze_config.yaml", "metrics.json", "report.html", "latents")
+
+
+def _replacement(out: Path):
+    """The output folder's replacement: a re-analysis replaces the earlier one as a whole
+    (restored if it fails; the ``latents/`` cache stays). A non-empty folder that is not an
+    analysis is refused: its files would be moved aside and deleted."""
+    from hetero.utils.errors import ConfigError
+    from hetero.utils.files import FolderReplacement
+
+    replacement = FolderReplacement(out, keep=("latents",))
+    if out.is_dir() and not replacement.previous.is_dir():
+        names = {p.name for p in out.iterdir()}
+        if names and not names & set(_ANALYSIS_ENTRIES):
+            raise ConfigError(
+                f"output_dir={out} holds files that are not an analysis ({', '.join(sorted(names)[:5])}"
+                f"{' ...' if len(names) > 5 else ''}); a re-analysis replaces its folder as a whole. "
+                "Give an empty or new folder (default: <run_dir>/analysis)."
+            )
+    return replacement
+
+
+def _analyze(cfg: DictConfig, run, steps: list, out: Path, start: float) -> dict[str, Any]:
+    from hetero.analysis.context import AnalysisContext
+    from hetero.analysis.result import load_result, validate_result
+    from hetero.analysis.steps import resolve_step
+    from hetero.utils.files import write_text
+
     write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info(
         f"Analysing {run.path} ({run.manifest['method']}, checkpoint {run.checkpoint.name}) -> {out}"
