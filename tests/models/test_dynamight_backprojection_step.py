@@ -210,3 +210,7 @@ def test_regions_split_over_passes_give_the_one_pass_maps(tmp_path_factory):
     with pytest.raises(ValueError, match="max_memory_gb"):
         half_maps(loader, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
                   _cfg(max_memory_gb=0.5 * slot).backprojection)
+    weights = 2 * 4 * BOX**3 * 4 / 2**30  # the blending weights count too: one slot left is not enough
+    with pytest.raises(ValueError, match="of blending weights and the rigid pair"):
+        half_maps(loader, dm.table.half_set, [orc, orc], [reg, reg], BOX, APIX,
+                  _cfg(max_memory_gb=slot + 0.5 * weights).backprojection)

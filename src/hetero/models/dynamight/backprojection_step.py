@@ -196,21 +196,24 @@ def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: in
     when the ``2 x (R + 1)`` accumulators fit in ``bc.max_memory_gb``, else in several: the
     rigid sums and as many regions as fit in the first, the other regions in the next ones; the
     regions' maps are needed before and after the FSC prior, so every pass but the last is read
-    twice (:func:`reconstruct_half_maps_in_passes`). Memory counted: the accumulators (blending
-    weights and region maps, ``D^3`` each, come on top).
+    twice (:func:`reconstruct_half_maps_in_passes`). Memory counted: the accumulators and the
+    blending weights (``2 R D^3`` float32, kept for the whole step); the region maps being
+    blended (``D^3`` each) come on top.
 
-    :raises ValueError: not even the rigid pair of accumulators fits.
+    :raises ValueError: not even the blending weights and the rigid pair of accumulators fit.
     """
     dtype, n_regions = DTYPES[str(bc.precision)], regions[0].n
     per_half = 2 * accumulator_bytes(box, int(bc.pad_factor), dtype)  # one region, both half sets
-    limit = float(bc.max_memory_gb) * 2**30 if bc.max_memory_gb else float("inf")
-    capacity = n_regions + 1 if limit >= (n_regions + 1) * per_half else int(limit // per_half)
+    weight_bytes = 2 * n_regions * box**3 * 4 if n_regions > 1 else 0
+    limit = float(bc.max_memory_gb) * 2**30 - weight_bytes if bc.max_memory_gb else float("inf")
+    capacity = n_regions + 1 if limit >= (n_regions + 1) * per_half else int(max(limit, 0) // per_half)
     try:
         passes = region_passes(n_regions, capacity, extra_first=1)
     except ValueError:
-        raise ValueError(f"deformed backprojection needs at least {per_half / 2**30:.2f} GiB of accumulators "
-                         f"(the rigid pair, one per half set); allowed backprojection.max_memory_gb="
-                         f"{bc.max_memory_gb}: lower backprojection.pad_factor or raise max_memory_gb") from None
+        raise ValueError(f"deformed backprojection needs at least {(per_half + weight_bytes) / 2**30:.2f} GiB "
+                         f"({weight_bytes / 2**30:.2f} of blending weights and the rigid pair of accumulators, "
+                         f"one per half set); allowed backprojection.max_memory_gb={bc.max_memory_gb}: lower "
+                         "backprojection.pad_factor or backprojection.regions, or raise max_memory_gb") from None
     if len(passes) > 1:
         reads = len(passes) + sum(1 for c in passes[:-1] if c)
         log.warning("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators, more than "
