@@ -128,15 +128,29 @@ def run_relion(a, star: Path, diameter: float, workdir: Path, truth: np.ndarray)
             **scores(truth, labels)}
 
 
-def run_alphacryo4d(a, data: list[str], workdir: Path, truth: np.ndarray) -> dict:
-    """``train.py model=alphacryo4d`` on the same particles: M-fold unions, each classified into
-    ``--a4d-classes`` classes by class3d for ``--iterations`` EM iterations, then the autoencoder,
-    t-SNE, landscape, ``n_states`` deepest minima as states and energy-based voting. Labels: the
-    voted states; discarded particles (no majority) are left out of ARI/AMI and counted."""
-    run_dir = workdir / "alphacryo4d"
+def _a4d(a, key: str) -> tuple[list[str], int, str, dict]:
+    """Shuffling overrides, number of volumes, row label and settings of ``alphacryo4d``
+    (leave-one-out, M = ``--a4d-fold``) or ``alphacryo4d_bootstrap`` (``--a4d-subsets`` unions of
+    ``--a4d-window`` consecutive subsets: every particle in ``window`` unions)."""
+    if key == "alphacryo4d_bootstrap":
+        over = ["alphacryo4d.shuffling.scheme=bootstrap", f"alphacryo4d.shuffling.n_subsets={a.a4d_subsets}",
+                f"alphacryo4d.shuffling.window={a.a4d_window}"]
+        return (over, a.a4d_subsets * a.a4d_classes, f"bootstrap {a.a4d_subsets} x window {a.a4d_window}",
+                {"scheme": "bootstrap", "n_subsets": a.a4d_subsets, "window": a.a4d_window})
+    return ([f"alphacryo4d.shuffling.fold={a.a4d_fold}"], (a.a4d_fold + 1) * a.a4d_classes, f"M={a.a4d_fold}",
+            {"fold": a.a4d_fold})
+
+
+def run_alphacryo4d(a, data: list[str], workdir: Path, truth: np.ndarray, key: str = "alphacryo4d") -> dict:
+    """``train.py model=alphacryo4d`` on the same particles: M-fold (or bootstrap) unions, each
+    classified into ``--a4d-classes`` classes by class3d for ``--iterations`` EM iterations, then
+    the autoencoder, t-SNE, landscape, ``n_states`` deepest minima as states and energy-based
+    voting. Labels: the voted states; discarded particles (no majority) are left out of ARI/AMI
+    and counted."""
+    run_dir = workdir / key
     shutil.rmtree(run_dir, ignore_errors=True)
-    n_volumes = (a.a4d_fold + 1) * a.a4d_classes
-    cmd = [sys.executable, "train.py", "model=alphacryo4d", f"alphacryo4d.shuffling.fold={a.a4d_fold}",
+    shuffling, n_volumes, _, _ = _a4d(a, key)
+    cmd = [sys.executable, "train.py", "model=alphacryo4d", *shuffling,
            f"alphacryo4d.resampling.classifier.n_classes={a.a4d_classes}",
            f"alphacryo4d.resampling.classifier.n_iterations={a.iterations}",
            f"+alphacryo4d.resampling.classifier.tau2_fudge={a.tau2}",
@@ -145,23 +159,24 @@ def run_alphacryo4d(a, data: list[str], workdir: Path, truth: np.ndarray) -> dic
            "alphacryo4d.path.states=minima", f"alphacryo4d.path.k={a.n_states}",
            f"data.num_workers={a.threads - 1}", "logger=csv", "extras.print_config=false", *data,
            f"hydra.run.dir={run_dir}"]
-    seconds, peak = run_measured(cmd, workdir / "alphacryo4d-train.log", cwd=REPO)
-    return alphacryo4d_row(a, run_dir, seconds, peak, truth)
+    seconds, peak = run_measured(cmd, workdir / f"{key}-train.log", cwd=REPO)
+    return alphacryo4d_row(a, run_dir, seconds, peak, truth, key)
 
 
-def alphacryo4d_row(a, run_dir: Path, seconds: float, peak: float, truth: np.ndarray) -> dict:
+def alphacryo4d_row(a, run_dir: Path, seconds: float, peak: float, truth: np.ndarray,
+                    key: str = "alphacryo4d") -> dict:
     """The AlphaCryo4D row from a finished run: voted labels, stage times, the string's settling."""
-    n_volumes = (a.a4d_fold + 1) * a.a4d_classes
+    _, n_volumes, label, settings = _a4d(a, key)
     labels = alphacryo4d_labels(run_dir)
     kept = labels >= 0
     pipeline = json.loads((run_dir / "alphacryo4d" / "pipeline.json").read_text())
     stages = {name: round(float(rec.get("seconds", 0.0)), 1) for name, rec in pipeline.items()}
     path = {k: v for k, v in pipeline.get("path", {}).get("summary", {}).items() if k != "state_centers"}
-    row = {"method": f"hetero alphacryo4d (M={a.a4d_fold}, {n_volumes} volumes, voted states)", "key": "alphacryo4d",
+    row = {"method": f"hetero alphacryo4d ({label}, {n_volumes} volumes, voted states)", "key": key,
            "seconds": round(seconds, 1), "seconds_per_iteration": round(stages.get("resampling", seconds) / a.iterations, 2),
            "peak_rss_mb": round(peak), **scores(truth, labels),
            "labelled_fraction": float(kept.mean()), "stage_seconds": stages, "path": path,
-           "settings": {"fold": a.a4d_fold, "classes_per_union": a.a4d_classes, "iterations": a.iterations}}
+           "settings": {**settings, "classes_per_union": a.a4d_classes, "iterations": a.iterations}}
     return row
 
 
@@ -182,7 +197,7 @@ def markdown(rows: list[dict], oracle: dict) -> str:
 
 
 def row_key(row: dict) -> str:
-    """``hetero`` / ``relion`` / ``alphacryo4d`` (rows written before the key existed: by name)."""
+    """``hetero`` / ``relion`` / ``alphacryo4d[_bootstrap]`` (rows written before the key existed: by name)."""
     if "key" in row:
         return row["key"]
     return "relion" if row["method"].startswith("RELION") else row["method"].split()[1].replace("class3d", "hetero")
@@ -198,7 +213,7 @@ def rescore(rows: list[dict], a, star: Path, truth: np.ndarray) -> None:
         elif key == "relion":
             labels = relion_labels(a.workdir / "relion", a.iterations, star)
         else:
-            labels = alphacryo4d_labels(a.workdir / "alphacryo4d")
+            labels = alphacryo4d_labels(a.workdir / key)
         new = scores(truth, labels)
         if abs(new["ari"] - row["ari"]) > 1e-9:
             raise SystemExit(f"--rescore: {row['method']}: ARI {new['ari']} from {a.workdir} != stored {row['ari']}")
@@ -222,8 +237,10 @@ def main() -> None:
     p.add_argument("--init", default="random_subsets", choices=["consensus", "random_subsets"],
                    help="hetero's model.init (random_subsets: RELION's random seeds from one --ref)")
     p.add_argument("--methods", nargs="*", default=["hetero", "relion"],
-                   choices=["hetero", "relion", "alphacryo4d"])
+                   choices=["hetero", "relion", "alphacryo4d", "alphacryo4d_bootstrap"])
     p.add_argument("--a4d-fold", type=int, default=3, help="AlphaCryo4D: M (every particle in M unions)")
+    p.add_argument("--a4d-subsets", type=int, default=10, help="alphacryo4d_bootstrap: n subsets (= unions)")
+    p.add_argument("--a4d-window", type=int, default=3, help="alphacryo4d_bootstrap: window (every particle in it)")
     p.add_argument("--a4d-classes", type=int, default=6, help="AlphaCryo4D: classes per union")
     p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")
     p.add_argument("--out", type=Path, default=None)
@@ -268,12 +285,13 @@ def main() -> None:
         row = run_relion(a, star, diameter, a.workdir, truth)
         if row:
             rows.append(row)
-    if "alphacryo4d" in a.methods:
-        rows.append(run_alphacryo4d(a, data, a.workdir, truth))
+    for key in ("alphacryo4d", "alphacryo4d_bootstrap"):
+        if key in a.methods:
+            rows.append(run_alphacryo4d(a, data, a.workdir, truth, key))
     stamp = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
              "iterations": a.iterations}
     rows = [{**stamp, **r} for r in rows]
-    order = ["hetero", "relion", "alphacryo4d"]
+    order = ["hetero", "relion", "alphacryo4d", "alphacryo4d_bootstrap"]
     rows = sorted(previous + rows, key=lambda r: order.index(row_key(r)))
     oracle = oracle or run_oracle(ds)
     table = markdown(rows, oracle)
