@@ -33,6 +33,9 @@ OPUS-DSD / cryoDRGN / homogeneous rows are on the same particles)::
         --apix 3 --train-box 32 --snr 0.05 --iterations 15 --out docs/bench_class3d_relion_discrete8.json
     nice -n 10 python benchmarks/bench_class3d_relion.py --methods alphacryo4d --a4d-classes 8 --merge \
         --n-states 8 ... --workdir logs/bench_class3d_relion8 --out docs/bench_class3d_relion_discrete8.json
+    # AlphaCryo4D with bootstrap unions (10 unions of 3 consecutive subsets: 80 volumes at 8 classes)
+    nice -n 10 python benchmarks/bench_class3d_relion.py --methods alphacryo4d_bootstrap --a4d-classes 8 \
+        --a4d-subsets 10 --a4d-window 3 --merge --n-states 8 ... --out docs/bench_class3d_relion_discrete8.json
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -107,6 +108,7 @@ def run_matrix(args) -> None:
     if not args.out:
         raise SystemExit("--matrix needs --out")
     Path(args.out).unlink(missing_ok=True)
+    load = [round(v, 2) for v in os.getloadavg()]
     for conf in MATRIX[args.matrix]:
         cmd = [sys.executable, __file__, "--box", str(conf["box"]), "--gaussians", str(conf["gaussians"]),
                "--batch-size", str(conf["batch_size"]), "--device", conf["device"], "--precision",
@@ -117,6 +119,9 @@ def run_matrix(args) -> None:
             rows = json.loads(Path(args.out).read_text())["results"] if Path(args.out).exists() else []
             rows.append({**conf, "error": f"exit {result.returncode}"})
             Path(args.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "results": rows}, indent=2))
+    doc = json.loads(Path(args.out).read_text())  # the matrix's own command and the load at its start
+    doc.update(command="python " + " ".join(sys.argv), load_average_at_start=load)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main() -> None:

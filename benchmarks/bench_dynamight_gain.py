@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     for snr in args.snr:
         record = {"date": str(date.today()), "commit": commit, "threads": args.threads, "machine": machine(),
                   **measure(snr, args.particles, args.box, args.apix, args.regions, args.cache)}

@@ -188,10 +188,50 @@ def test_a_failed_reanalysis_leaves_the_earlier_one_unchanged(tmp_path):
 
 
 def test_an_output_dir_that_is_not_an_analysis_is_refused(tmp_path):
+    """A re-analysis replaces its output folder as a whole, so a folder holding anything an
+    analysis did not write (a user's folder, files added to an analysis, the run directory) is
+    refused before anything moves."""
     run, _ = make_run_dir(tmp_path, n_per_state=2)
+    base = ["n_clusters=2", "umap.enabled=false", f"run_dir={run}"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=r"output_dir=.*mine holds files that are not an analysis \(notes.txt\)"):
-        analyze(compose_analyze([f"run_dir={run}", "n_clusters=2", "umap.enabled=false", f"output_dir={other}"]))
-    assert (other / "notes.txt").read_text() == "keep me" and [p.name for p in other.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match=r"output_dir=.*mine holds files that no analysis wrote \(notes.txt\)"):
+        analyze(compose_analyze([*base, f"output_dir={other}"]))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    run_files = sorted(p for p in run.rglob("*"))
+    for target in (run, tmp_path):  # the run directory, a folder above it
+        with pytest.raises(ValueError, match="is the run directory or a folder above it"):
+            analyze(compose_analyze([*base, f"output_dir={target}"]))
+    assert sorted(p for p in run.rglob("*")) == run_files
+    analyze(compose_analyze(base))  # an analysis, then a user's file added to it
+    (run / "analysis" / "session.cxs").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that no analysis wrote \(session.cxs\)"):
+        analyze(compose_analyze(base))
+    assert (run / "analysis" / "session.cxs").read_text() == "mine"
+
+
+def sigterm_step(ctx) -> None:
+    """An analysis step during which the scheduler stops the job."""
+    import os
+    import signal
+
+    (ctx.out / "half-written.mrc").write_text("partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_puts_the_earlier_analysis_back(tmp_path):
+    import signal
+
+    from hetero.utils.errors import Preempted
+
+    run, _ = make_run_dir(tmp_path, n_per_state=2)
+    base = ["n_clusters=2", "umap.enabled=false", f"run_dir={run}"]
+    analyze(compose_analyze(base))
+    out = run / "analysis"
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="SIGTERM"):
+        analyze(compose_analyze([*base, "steps=[embedding,tests.analysis.test_analyze_task.sigterm_step]"]))
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
+    assert signal.getsignal(signal.SIGTERM) is handler  # the task's handler is removed again

@@ -145,8 +145,8 @@ def _dm(star_path, tmp_path, **kw) -> ParticleDataModule:
 
 def test_missing_particle_file_names_the_option(tmp_path):
     dm = _dm(tmp_path / "run_data.star", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"run_data.star: particle file does not exist.*data.particles="):
-        dm.prepare_data()
+    with pytest.raises(FileNotFoundError, match=r"data.particles=.*run_data.star: particle file does not exist; pass data.particles="):
+        dm.setup("fit")
 
 
 # -- dataset ----------------------------------------------------------------------------------

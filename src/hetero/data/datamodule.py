@@ -211,11 +211,17 @@ class ParticleDataModule(L.LightningDataModule):
         if self.table is not None:
             return
         path = self._resolve_particles()
-        table = read_particles(
-            path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
-            pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
-            **self.acquisition,
-        )
+        try:
+            table = read_particles(
+                path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
+                pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
+                **self.acquisition,
+            )
+        except MissingFileError:
+            if Path(path).exists():
+                raise  # a file it references (stack, poses, ctf) names itself
+            raise MissingFileError(f"data.particles={path}: particle file does not exist; "
+                                   "pass data.particles=<your .star/.cs/.mrcs/.txt>") from None
         n = len(table)
         if n == 0:
             raise InputError(f"{path}: the particle selection is empty (0 particles)")
@@ -495,9 +501,6 @@ class ParticleDataModule(L.LightningDataModule):
         path = ensure() if callable(ensure) else self.particles
         if path is None or str(path) == "":
             raise InputError("data.particles is not set: give a .star/.cs/.mrcs/.txt path")
-        if not callable(ensure) and not Path(path).is_file():
-            raise MissingFileError(f"{path}: particle file does not exist (data.particles={path}); "
-                                   "pass data.particles=<your .star/.cs/.mrcs/.txt>")
         self.truth_dir = getattr(self.particles, "truth_dir", self.truth_dir)
         return str(path)
 

@@ -25,7 +25,10 @@ if it fails, so the folder never mixes two analyses (the ``latents/`` cache stay
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     """
     from hetero.analysis.rundir import RunDir
     from hetero.analysis.steps import resolve_step, unclaimed_options
+    from hetero.utils.files import write_json
 
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -88,12 +92,87 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     from hetero.analysis.steps.clustering import check_options
 
     check_options(cfg)  # before anything is written over an earlier analysis
-    out = Path(str(cfg.output_dir))
-    replacement = _replacement(out)
-    if replacement.begin():
-        log.warning(f"{out}: an earlier analysis was interrupted; the one before it was restored first")
-    try:
+    out = _output_dir(cfg, run.path)
+    with _replacing(out) as replacement:
         metrics = _analyze(cfg, run, steps, out, start)
+        write_json(out / ENTRIES_FILE, sorted(p.name for p in out.iterdir()))
+        replacement.commit()
+    return metrics
+
+
+#: top-level entries of an analysis folder (a folder holding anything else is refused as
+#: output_dir: its files would be replaced); each analysis also lists its own in ENTRIES_FILE
+ANALYSIS_ENTRIES = frozenset({"analyze_config.yaml", "metrics.json", "report.html", "latent", "latents",
+                              "clusters", "maps", "subsets", "figures", "landscape", "class3d", "dynamight"})
+ENTRIES_FILE = ".analysis_entries.json"
+
+
+def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """``cfg.output_dir``, checked: not the run directory or a folder above it, not a folder
+    holding files that no analysis wrote (they would be deleted by the replacement); under a
+    Hydra multirun the default ``<run_dir>/analysis`` becomes ``<run_dir>/analysis_<job number>``
+    (every job its own analysis).
+
+    :raises ConfigError: naming ``output_dir=`` and the entries that are not an analysis's.
+    """
+    import json
+
+    from hetero.tasks.cli import _multirun
+    from hetero.utils.errors import ConfigError
+
+    given = str(cfg.output_dir)
+    run_dir = Path(os.path.realpath(run_dir))
+    if _multirun() and Path(given) == Path(str(cfg.run_dir)) / "analysis":
+        from hydra.core.hydra_config import HydraConfig
+
+        given = f"{given}_{HydraConfig.get().job.num}"
+        log.info(f"multirun: this job's analysis goes to {given} (output_dir=... to choose)")
+    out = Path(os.path.realpath(Path(given).expanduser()))
+    if out == run_dir or out in run_dir.parents or not out.name:
+        raise ConfigError(f"output_dir={given} is the run directory or a folder above it; an analysis "
+                          "replaces its output folder as a whole: give a folder of its own (default: "
+                          "<run_dir>/analysis)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={given} is a file; give a folder")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        listed: set[str] = set()
+        if (out / ENTRIES_FILE).is_file():
+            try:
+                listed = set(json.loads((out / ENTRIES_FILE).read_text()))
+            except (ValueError, TypeError):
+                listed = set()
+        foreign = sorted(names - ANALYSIS_ENTRIES - listed - {ENTRIES_FILE})
+        if foreign or {"manifest.json", "checkpoints"} & names:
+            shown = ", ".join(foreign[:6]) + (" ..." if len(foreign) > 6 else "")
+            raise ConfigError(
+                f"output_dir={given} holds files that no analysis wrote ({shown}); a re-analysis replaces "
+                "its output folder as a whole and would delete them. Move them out, or give an empty or "
+                "new folder (default: <run_dir>/analysis)")
+    return out
+
+
+@contextmanager
+def _replacing(out: Path):
+    """The earlier analysis in ``out`` moved aside while this one is written, deleted when it
+    completes (the caller's ``commit()``), put back if it fails or is stopped (an exception,
+    Ctrl-C, SIGTERM); the ``latents/`` cache stays throughout
+    (:class:`~hetero.utils.folder_replacement.FolderReplacement`)."""
+    from hetero.utils.errors import ConfigError
+    from hetero.utils.folder_replacement import FolderBusyError, FolderReplacement
+
+    replacement = FolderReplacement(out, keep=("latents",))
+    try:
+        if replacement.begin():
+            log.warning(f"{out}: an earlier analysis into it was interrupted; the one before it was put back first")
+    except FolderBusyError as err:
+        raise ConfigError(f"output_dir={out}: {err}; wait for it or give another output_dir") from None
+    except OSError as err:
+        raise ConfigError(f"output_dir={out}: cannot move the earlier analysis aside ({err}); give a "
+                          "folder whose parent is writable") from None
+    previous_handler = _raise_on_sigterm()
+    try:
+        yield replacement
     except BaseException:
         earlier = replacement.had_contents()
         replacement.rollback()
@@ -101,31 +180,26 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
                   + ("holds the earlier analysis, unchanged" if earlier else "holds no analysis")
                   + " (the latents/ cache is kept)")
         raise
-    replacement.commit()
-    return metrics
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
-#: what an analysis folder holds at its top level (an output_dir with anything else is refused)
-_ANALYSIS_ENTRIES = ("analyze_config.yaml", "metrics.json", "report.html", "latents")
+def _raise_on_sigterm():
+    """SIGTERM (a scheduler stopping the job) raises :class:`~hetero.utils.errors.Preempted`,
+    so the earlier analysis is put back; returns the handler it replaced (``None`` outside the
+    main thread, where signals cannot be handled)."""
+    import threading
 
+    from hetero.utils.errors import Preempted
 
-def _replacement(out: Path):
-    """The output folder's replacement: a re-analysis replaces the earlier one as a whole
-    (restored if it fails; the ``latents/`` cache stays). A non-empty folder that is not an
-    analysis is refused: its files would be moved aside and deleted."""
-    from hetero.utils.errors import ConfigError
-    from hetero.utils.files import FolderReplacement
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
-    replacement = FolderReplacement(out, keep=("latents",))
-    if out.is_dir() and not replacement.previous.is_dir():
-        names = {p.name for p in out.iterdir()}
-        if names and not names & set(_ANALYSIS_ENTRIES):
-            raise ConfigError(
-                f"output_dir={out} holds files that are not an analysis ({', '.join(sorted(names)[:5])}"
-                f"{' ...' if len(names) > 5 else ''}); a re-analysis replaces its folder as a whole. "
-                "Give an empty or new folder (default: <run_dir>/analysis)."
-            )
-    return replacement
+    def handler(signum, frame):
+        raise Preempted("analysis stopped by SIGTERM; the earlier analysis (if any) was put back")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _analyze(cfg: DictConfig, run, steps: list, out: Path, start: float) -> dict[str, Any]:

@@ -32,8 +32,9 @@ class NonFiniteError(HeteroError, FloatingPointError):
 
 
 class Preempted(HeteroError):
-    """The run was stopped by SIGTERM after saving a resumable checkpoint (exit status 143,
-    128 + SIGTERM, what schedulers report for a terminated job)."""
+    """The run was stopped by SIGTERM (exit status 143, 128 + SIGTERM, what schedulers report
+    for a terminated job): training after saving a resumable checkpoint, an analysis with the
+    earlier analysis put back."""
 
     exit_code = 143
 

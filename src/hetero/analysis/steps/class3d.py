@@ -14,8 +14,9 @@ beside its maps.
   the current resolution, mean log-likelihood, fraction of changed assignments and mean max
   posterior (RELION's ``_model.star`` and ``_optimiser`` quantities);
 - a report section "Classification" with those tables (class distribution: the posterior-weighted
-  fraction, RELION's ``rlnClassDistribution``; particles: how many have the class as their most
-  probable one, as in ``particles.star``) and the class distribution per iteration
+  fraction of the last EM iteration, RELION's ``rlnClassDistribution``; particles: how many have
+  the class as their most probable one in the inference pass after training, as in
+  ``particles.star``; the two can differ by more than soft vs hard counting) and the class distribution per iteration
   (``figures/class3d_distribution.png``).
 
 Reads the model from ``ctx.result.extras["model"]`` (the generic loader puts it there) and the
@@ -73,7 +74,8 @@ def class3d(ctx) -> None:
             [(c + 1, last[f"fraction_{c + 1}"], int(counts[c]), last[f"resolution_angstrom_{c + 1}"],
               last[f"fsc_change_angstrom_{c + 1}"])
              for c in range(k)],
-            ["class", "class distribution (posterior-weighted)", "particles (most probable class)",
+            ["class", "class distribution (posterior-weighted, last EM iteration)",
+             "particles (most probable class, inference pass after training)",
              {"ssnr": "resolution, SSNR = 1 (Å)"}.get(model.cfg.class_resolution, "half-set FSC 0.143 (Å)"),
              "FSC vs previous iteration 0.5 (Å)"]))
         fractions = np.array([[r[f"fraction_{c + 1}"] for c in range(k)] for r in history])

@@ -216,9 +216,10 @@ def half_maps(make_loader, half_sets, deformers, regions: list[Regions], box: in
                          "backprojection.pad_factor or backprojection.regions, or raise max_memory_gb") from None
     if len(passes) > 1:
         reads = len(passes) + sum(1 for c in passes[:-1] if c)
-        log.warning("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators, more than "
-                    "backprojection.max_memory_gb=%s: regions split over %d passes, %d reads of the data",
-                    n_regions, (n_regions + 1) * per_half / 2**30, bc.max_memory_gb, len(passes), reads)
+        log.warning("deformed backprojection: %d regions + rigid need %.2f GiB of accumulators and blending "
+                    "weights, more than backprojection.max_memory_gb=%s: regions split over %d passes, %d reads "
+                    "of the data", n_regions, ((n_regions + 1) * per_half + weight_bytes) / 2**30,
+                    bc.max_memory_gb, len(passes), reads)
     wiener, rigid = float(bc.wiener_snr), {}
 
     def accumulate(subset):
