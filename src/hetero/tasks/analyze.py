@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hetero.utils.pylogger import RankedLogger
 
@@ -93,6 +93,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
     check_options(cfg)  # before anything is written over an earlier analysis
     out = _output_dir(cfg, run.path)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)  # resolved (and per multirun job): what the steps and caches use
     with _replacing(out) as replacement:
         metrics = _analyze(cfg, run, steps, out, start)
         write_json(out / ENTRIES_FILE, sorted(p.name for p in out.iterdir()))
