@@ -183,6 +183,26 @@ def alphacryo4d_row(a, run_dir: Path, seconds: float, peak: float, truth: np.nda
     return row
 
 
+def scored_alphacryo4d_run(a, run_dir: Path, truth: np.ndarray) -> dict:
+    """The row of a finished AlphaCryo4D run (``--score-a4d-run``): its voted labels scored, its
+    shuffling, classes and landscape settings read from its own config; wall time = the sum of
+    its stages' recorded times."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.load(run_dir / ".hydra" / "config.yaml").alphacryo4d
+    sh = c.shuffling
+    a4d = argparse.Namespace(**{**vars(a), "a4d_fold": sh.fold, "a4d_subsets": sh.n_subsets, "a4d_window": sh.window,
+                                "a4d_classes": c.resampling.classifier.n_classes,
+                                "iterations": c.resampling.classifier.n_iterations})
+    kind = "alphacryo4d_bootstrap" if sh.scheme == "bootstrap" else "alphacryo4d"
+    row = alphacryo4d_row(a4d, run_dir, 0.0, 0.0, truth, kind)
+    row.update(seconds=round(sum(row["stage_seconds"].values()), 1), peak_rss_mb="-")
+    energy = c.landscape.get("energy", "counts")
+    row.update(key=a.a4d_key, run_dir=str(run_dir), landscape_energy=energy,
+               method=row["method"].replace("voted states)", f"landscape={energy}, voted states)"))
+    return row
+
+
 def _f(v, d: int = 3) -> str:
     return "-" if v is None else f"{v:.{d}f}"
 
@@ -211,6 +231,9 @@ def rescore(rows: list[dict], a, star: Path, truth: np.ndarray) -> None:
     (no rerun); the recomputed ARI must equal the stored one (same particles, same labels)."""
     for row in rows:
         key = row_key(row)
+        if "run_dir" in row:  # a --score-a4d-run row: its run may have been rerun with other settings since
+            print(f"--rescore: {row['method']} kept as recorded (scored from {row['run_dir']})", file=sys.stderr)
+            continue
         if key == "hetero":
             labels = hetero_labels(a.workdir / "hetero")
         elif key == "relion":
@@ -245,6 +268,10 @@ def main() -> None:
     p.add_argument("--a4d-subsets", type=int, default=10, help="alphacryo4d_bootstrap: n subsets (= unions)")
     p.add_argument("--a4d-window", type=int, default=3, help="alphacryo4d_bootstrap: window (every particle in it)")
     p.add_argument("--a4d-classes", type=int, default=6, help="AlphaCryo4D: classes per union")
+    p.add_argument("--score-a4d-run", type=Path, default=None,
+                   help="score this finished AlphaCryo4D run directory (e.g. one rerun from its landscape stage "
+                        "with other settings) as the row --a4d-key, instead of running anything")
+    p.add_argument("--a4d-key", default="alphacryo4d_rescored", help="row key of --score-a4d-run")
     p.add_argument("--workdir", type=Path, default=REPO / "logs" / "bench_class3d_relion")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--merge", action="store_true",
@@ -272,8 +299,9 @@ def main() -> None:
         if {"name": ds.name, **old["dataset"]} != dataset:
             raise SystemExit(f"--merge: {a.out} holds another dataset: {old['dataset']}")
         # every row keeps its own EM iterations (a method rerun with fewer says so in its row)
+        replaced = set(a.methods) | ({a.a4d_key} if a.score_a4d_run else set())
         previous = [{"date": old["date"], "command": old["command"], "iterations": old["settings"]["iterations"], **r}
-                    for r in old["rows"] if row_key(r) not in a.methods]
+                    for r in old["rows"] if row_key(r) not in replaced]
         if a.rescore and any(r["iterations"] != a.iterations for r in previous):
             raise SystemExit("--rescore: give the kept rows' --iterations (RELION's data star of that iteration)")
         oracle = old["oracle"]
@@ -291,11 +319,13 @@ def main() -> None:
     for key in ("alphacryo4d", "alphacryo4d_bootstrap"):
         if key in a.methods:
             rows.append(run_alphacryo4d(a, data, a.workdir, truth, key))
+    if a.score_a4d_run:
+        rows.append(scored_alphacryo4d_run(a, a.score_a4d_run, truth))
     stamp = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "load_average": list(os.getloadavg()),
              "iterations": a.iterations}
     rows = [{**stamp, **r} for r in rows]
     order = ["hetero", "relion", "alphacryo4d", "alphacryo4d_bootstrap"]
-    rows = sorted(previous + rows, key=lambda r: order.index(row_key(r)))
+    rows = sorted(previous + rows, key=lambda r: order.index(row_key(r)) if row_key(r) in order else len(order))
     oracle = oracle or run_oracle(ds)
     table = markdown(rows, oracle)
     print(table)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.interpolate import CloughTocher2DInterpolator, LinearNDInterpolator
 
-from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy
+from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy, volume_density_landscape
 
 
 def _scattered(n=200, seed=0):
@@ -112,3 +112,28 @@ def test_project_inside_moves_outside_points_onto_the_hull():
     q = land.project_inside(np.array([[2.0, 0.5], [0.5, 0.5], [-1.0, -1.0]]))
     assert land.contains(q).all()
     np.testing.assert_allclose(q, [[1, 0.5], [0.5, 0.5], [0, 0]], atol=1e-6)
+
+
+def test_volume_density_landscape_has_a_well_per_group_of_volumes():
+    """Three groups of 10 volumes; group A's volumes hold 400-1000 particles, B's and C's
+    50-200. The paper's per-volume energy has minima only where a volume out-counts all its
+    Delaunay neighbours: none in group B here. The count-weighted density has one well per
+    group, at the group's centre."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [6.0, 0.0], [3.0, 5.0]])
+    xy = np.concatenate([c + rng.normal(0, 0.5, (10, 2)) for c in centres])
+    counts = np.concatenate([rng.integers(400, 1000, 10), rng.integers(50, 200, 10), rng.integers(50, 200, 10)])
+    per_volume, _ = find_minima(Landscape.from_points(xy, pseudo_energy(counts)))
+    assert min(np.linalg.norm(per_volume - centres[1], axis=1)) > 3.0  # group B has no minimum
+    land, bandwidth = volume_density_landscape(xy, counts)
+    from scipy.spatial import cKDTree
+
+    assert bandwidth == pytest.approx(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+    minima, energy = find_minima(land)
+    assert len(minima) == 3
+    assert np.linalg.norm(minima[0] - centres[0]) < 0.5  # the most populated group is deepest
+    nearest = np.linalg.norm(minima[:, None] - centres[None], axis=2)  # (minima, groups)
+    assert sorted(nearest.argmin(1)) == [0, 1, 2] and nearest.min(1).max() < 1.0  # one per group (sd 0.5)
+    assert np.all(land.contains(xy))  # every volume inside the landscape
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        volume_density_landscape(xy, counts, bandwidth=0.0)

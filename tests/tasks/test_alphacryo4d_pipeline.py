@@ -146,6 +146,23 @@ def test_rerun_skips_up_to_date_stages_and_recomputes_changed_ones(pipeline_run,
     assert after["voting"]["summary"]["radius"] == 1000
 
 
+def test_a_moved_run_stays_up_to_date(pipeline_run, tmp_path):
+    """Paths inside the run directory (split and dropped-particle files) are not part of the
+    stages' fingerprints: a run copied elsewhere reruns nothing."""
+    import shutil
+
+    from hetero.tasks.alphacryo4d import run_pipeline
+
+    cfg, metrics, objects, truth, dm, run_dir, overrides = pipeline_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    before = json.loads((moved / "alphacryo4d" / "pipeline.json").read_text())
+    run_pipeline(compose_train(moved, overrides))
+    after = json.loads((moved / "alphacryo4d" / "pipeline.json").read_text())
+    for name in ("shuffling", "resampling", "autoencoder", "manifold", "landscape", "path"):
+        assert after[name]["finished"] == before[name]["finished"], name  # (voting: another test's radius)
+
+
 def test_selected_stage_needs_its_inputs(tmp_path):
     from hetero.tasks.alphacryo4d import run_pipeline
     from hetero.tasks.alphacryo4d.pipeline import StageOutOfDateError

@@ -89,6 +89,24 @@ def test_prepare_train_argv(tmp_path, monkeypatch):
     assert prepare_train_argv(argv) == argv
 
 
+def test_a_run_with_rerun_keys_reruns_with_them_changed(tmp_path, monkeypatch):
+    """model=alphacryo4d fingerprints its stages: a rerun in its directory may change any
+    alphacryo4d.* key, without ckpt_path; other keys are still refused."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- model=alphacryo4d\n- alphacryo4d.path.k=8\n")
+    argv = [f"hydra.run.dir={run}", "alphacryo4d.path.k=3", "alphacryo4d.landscape.energy=density"]
+    assert prepare_train_argv(argv) == ["model=alphacryo4d", "alphacryo4d.path.k=3",
+                                        "alphacryo4d.landscape.energy=density", f"hydra.run.dir={run}"]
+    with pytest.raises(ConfigError, match="data.box_size=48"):
+        prepare_train_argv([f"hydra.run.dir={run}", "data.box_size=48"])
+    (run / ".hydra" / "config.yaml").write_text("rerun_keys: []\n")  # the run's own config decides
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_train_argv(argv)
+
+
 def test_resolve_ckpt_path(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None and resolve_ckpt_path("auto", tmp_path) is None
     with pytest.raises(ConfigError, match="hydra.run.dir=<run dir> ckpt_path=last"):

@@ -9,7 +9,10 @@ does not alter the model or data (:data:`RESUME_KEYS`: ``ckpt_path``, ``trainer.
 loader workers, logging, the non-finite guard...); any other override that would change the
 run's configuration is refused, naming it. Without ``ckpt_path`` an existing run directory is
 refused too (it would be overwritten by a new run), except when SLURM requeued the job
-(``SLURM_RESTART_COUNT`` > 0): then the run resumes from its last checkpoint by itself.
+(``SLURM_RESTART_COUNT`` > 0): then the run resumes from its last checkpoint by itself. A task
+that fingerprints its stages and recomputes only the stale ones (AlphaCryo4D) lists in its
+config's ``rerun_keys`` the keys a rerun in its directory may change (``alphacryo4d``: every
+stage setting), with or without ``ckpt_path``.
 
 **Errors.** Input errors (:class:`hetero.data.io.errors.InputError`), the tasks' own
 :class:`hetero.utils.errors.HeteroError` and a few more user-facing errors (any exception class
@@ -168,8 +171,8 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0].strip()
 
 
-def _is_resume_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
+def _is_resume_key(key: str, rerun_keys: tuple[str, ...] = ()) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in (*RESUME_KEYS, *rerun_keys))
 
 
 #: the config folder of a source checkout (train.py passes its own)
@@ -249,16 +252,17 @@ def restore_changed_defaults(merged: list[str], saved_config: dict[str, object],
 
 
 def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | None = None,
-                     saved_config: dict[str, object] | None = None) -> list[str]:
+                     saved_config: dict[str, object] | None = None, rerun_keys: tuple[str, ...] = ()) -> list[str]:
     """The overrides to run a resumed run with: its ``saved`` ones, with the steering keys of
-    ``new`` (:data:`RESUME_KEYS`) replacing theirs, plus :func:`restore_changed_defaults`
-    when ``saved_config`` (the run's ``.hydra/config.yaml``, flattened) is given.
+    ``new`` (:data:`RESUME_KEYS` and the run's own ``rerun_keys``) replacing theirs, plus
+    :func:`restore_changed_defaults` when ``saved_config`` (the run's ``.hydra/config.yaml``,
+    flattened) is given.
 
     :raises ConfigError: a ``new`` override outside :data:`RESUME_KEYS` would change the
         run's configuration (each such override is named with what it changes).
     """
-    steering = [o for o in new if _is_resume_key(_key(o))]
-    others = [o for o in new if not _is_resume_key(_key(o)) and o not in saved]
+    steering = [o for o in new if _is_resume_key(_key(o), rerun_keys)]
+    others = [o for o in new if not _is_resume_key(_key(o), rerun_keys) and o not in saved]
     keys = {_key(o) for o in steering}
     merged = [o for o in saved if _key(o) not in keys] + steering
     if saved_config is not None:
@@ -288,7 +292,7 @@ def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | No
             + "\nA resumed run keeps its own config (its .hydra/overrides.yaml: "
             + (" ".join(saved) or "none")
             + "). Drop them, or start a new run in another hydra.run.dir. A resume may change "
-            "only: " + ", ".join(RESUME_KEYS)
+            "only: " + ", ".join((*RESUME_KEYS, *rerun_keys))
         )
     return merged
 
@@ -314,7 +318,19 @@ def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> l
     saved = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
     new = [a for a in argv if a not in hydra_args]
     os.environ[_PREEXISTING_ENV] = str(run_dir.resolve())
-    if not any(_key(o) == "ckpt_path" for o in new):
+    config_file = run_dir / ".hydra" / "config.yaml"
+    saved_config = None
+    if config_file.is_file():
+        from omegaconf import OmegaConf
+
+        saved_config = _flat(OmegaConf.load(config_file))
+    # a task that fingerprints its stages (AlphaCryo4D) names the keys a rerun may change; its
+    # reruns recompute only stale stages, so they need no ckpt_path
+    if saved_config is not None and "rerun_keys" in saved_config:
+        rerun_keys = tuple(str(k) for k in saved_config["rerun_keys"] or ())
+    else:  # a run made before the key existed: what its overrides compose to today
+        rerun_keys = tuple(str(k) for k in (_compose(saved, conf_dir).get("rerun_keys") or ()))
+    if not rerun_keys and not any(_key(o) == "ckpt_path" for o in new):
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             new.append("ckpt_path=auto")  # a requeued SLURM job resumes by itself
         else:
@@ -323,13 +339,7 @@ def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> l
                 f"Resume it with `python train.py hydra.run.dir={run_dir} ckpt_path=last`, or "
                 "give a new run its own hydra.run.dir (or delete this one)."
             )
-    config_file = run_dir / ".hydra" / "config.yaml"
-    saved_config = None
-    if config_file.is_file():
-        from omegaconf import OmegaConf
-
-        saved_config = _flat(OmegaConf.load(config_file))
-    return [*resume_overrides(saved, new, conf_dir, saved_config), *hydra_args]
+    return [*resume_overrides(saved, new, conf_dir, saved_config, rerun_keys), *hydra_args]
 
 
 def main_with_resume(hydra_main, conf_dir: str | Path | None = None) -> None:

@@ -46,7 +46,7 @@ log = RankedLogger(__name__)
 STAGES = ("shuffling", "resampling", "autoencoder", "manifold", "landscape", "path", "voting")
 #: data settings that do not change any result (excluded from the fingerprints)
 _RUNTIME_DATA_KEYS = ("num_workers", "pin_memory", "persistent_workers", "batch_size", "val_batch_size",
-                      "split_file", "datadir")
+                      "split_file", "dropped_file", "datadir")  # paths in the run dir: a moved run stays current
 RECORDS = "pipeline.json"
 
 

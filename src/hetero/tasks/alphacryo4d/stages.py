@@ -140,8 +140,10 @@ def manifold(ctx):
 
 # ----------------------------------------------------------------------------- 5. landscape
 def landscape(ctx):
-    """Pseudo-energy of the kept volumes interpolated over the embedding; its minima."""
-    from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy
+    """Pseudo-energy of the kept volumes over the embedding (``landscape.energy``: ``counts``,
+    the paper's per-volume ``-ln(n_v / sum n)`` interpolated; or ``density``, of the
+    count-weighted volume density); its minima. Saves the interpolation nodes as ``points``."""
+    from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy, volume_density_landscape
 
     c = ctx.mcfg.landscape
     paths = stage_paths(ctx.root)
@@ -149,17 +151,26 @@ def landscape(ctx):
     kept = members["kept"]
     xy = np.load(paths["embedding"])[kept]
     counts = members["counts"][kept]
-    energy = pseudo_energy(counts)
-    land = Landscape.from_points(xy, energy, str(c.interpolation))
+    mode, extra = str(c.get("energy", "counts")), {}
+    if mode != "density" and c.get("bandwidth") is not None:
+        raise ValueError(f"alphacryo4d.landscape.bandwidth={c.bandwidth} applies to landscape.energy=density only "
+                         f"(energy={mode}): set energy=density or leave bandwidth null")
+    if mode == "counts":
+        land = Landscape.from_points(xy, pseudo_energy(counts), str(c.interpolation))
+    elif mode == "density":
+        land, bandwidth = volume_density_landscape(xy, counts, c.get("bandwidth"), method=str(c.interpolation))
+        extra["bandwidth"] = round(bandwidth, 4)
+    else:
+        raise ValueError(f"alphacryo4d.landscape.energy must be counts or density, got {mode!r}")
     minima, minima_energy = find_minima(land, c.get("min_separation"), c.get("max_minima"), int(c.grid_size))
     xs, ys, grid = land.grid(int(c.grid_size))
     from hetero.utils.files import atomic_write
 
     atomic_write(paths["landscape"], lambda p: np.savez(
-        p, points=xy, energies=energy, volume_ids=np.flatnonzero(kept), minima=minima,
+        p, points=land.points, energies=land.energies, volume_ids=np.flatnonzero(kept), minima=minima,
         minima_energy=minima_energy, grid_x=xs, grid_y=ys, grid=grid))
-    log.info(f"landscape of {len(xy)} volumes: {len(minima)} minima, deepest G = {minima_energy.min():.2f}")
-    return {"n_points": int(len(xy)), "n_minima": int(len(minima)),
+    log.info(f"landscape ({mode}) of {len(xy)} volumes: {len(minima)} minima, deepest G = {minima_energy.min():.2f}")
+    return {"energy": mode, **extra, "n_points": int(len(xy)), "n_minima": int(len(minima)),
             "minima": minima.round(3).tolist(), "minima_energy": minima_energy.round(4).tolist()}, [paths["landscape"]]
 
 
