@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from scipy.interpolate import CloughTocher2DInterpolator, LinearNDInterpolator
 
-from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy, volume_density_landscape
+from hetero.analysis.landscape import (
+    Landscape,
+    find_minima,
+    pseudo_energy,
+    volume_density_landscape,
+)
 
 
 def _scattered(n=200, seed=0):

@@ -143,7 +143,12 @@ def landscape(ctx):
     """Pseudo-energy of the kept volumes over the embedding (``landscape.energy``: ``counts``,
     the paper's per-volume ``-ln(n_v / sum n)`` interpolated; or ``density``, of the
     count-weighted volume density); its minima. Saves the interpolation nodes as ``points``."""
-    from hetero.analysis.landscape import Landscape, find_minima, pseudo_energy, volume_density_landscape
+    from hetero.analysis.landscape import (
+        Landscape,
+        find_minima,
+        pseudo_energy,
+        volume_density_landscape,
+    )
 
     c = ctx.mcfg.landscape
     paths = stage_paths(ctx.root)
