@@ -204,11 +204,16 @@ def test_an_output_dir_that_is_not_an_analysis_is_refused(tmp_path):
         with pytest.raises(ValueError, match="is the run directory or a folder above it"):
             analyze(compose_analyze([*base, f"output_dir={target}"]))
     assert sorted(p for p in run.rglob("*")) == run_files
-    analyze(compose_analyze(base))  # an analysis, then a user's file added to it
+    analyze(compose_analyze(base))  # an analysis, then a user's files added to it, at any depth
     (run / "analysis" / "session.cxs").write_text("mine")
-    with pytest.raises(ValueError, match=r"holds files that no analysis wrote \(session.cxs\)"):
+    (run / "analysis" / "subsets" / "my_subset.star").write_text("mine too")
+    with pytest.raises(ValueError, match=r"holds files that no analysis wrote \(session.cxs, subsets/my_subset.star\)"):
         analyze(compose_analyze(base))
     assert (run / "analysis" / "session.cxs").read_text() == "mine"
+    (run / "analysis" / "session.cxs").unlink()
+    with pytest.raises(ValueError, match=r"\(subsets/my_subset.star\)"):
+        analyze(compose_analyze(base))
+    assert (run / "analysis" / "subsets" / "my_subset.star").read_text() == "mine too"
 
 
 def sigterm_step(ctx) -> None:

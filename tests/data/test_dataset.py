@@ -147,6 +147,8 @@ def test_missing_particle_file_names_the_option(tmp_path):
     dm = _dm(tmp_path / "run_data.star", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"data.particles=.*run_data.star: particle file does not exist; pass data.particles="):
         dm.setup("fit")
+    with pytest.raises(InputError, match=r"data.particles=.* is a folder; pass the particle file in it"):
+        _dm(tmp_path, tmp_path).setup("fit")
 
 
 # -- dataset ----------------------------------------------------------------------------------

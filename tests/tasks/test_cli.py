@@ -107,6 +107,28 @@ def test_a_run_with_rerun_keys_reruns_with_them_changed(tmp_path, monkeypatch):
         prepare_train_argv(argv)
 
 
+def test_a_refused_rerun_leaves_the_runs_config_as_it_was(tmp_path, monkeypatch):
+    """Hydra rewrites .hydra/overrides.yaml before the task can refuse a value; the refusal puts
+    the run's own files back, so the next plain rerun is not stuck with the bad value."""
+    from hetero.tasks.cli import run_task
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    saved = "- model=alphacryo4d\n"
+    (run / ".hydra" / "overrides.yaml").write_text(saved)
+    prepare_train_argv([f"hydra.run.dir={run}", "alphacryo4d.landscape.bandwidth=0.5"])
+    (run / ".hydra" / "overrides.yaml").write_text(saved + "- alphacryo4d.landscape.bandwidth=0.5\n")  # Hydra's
+
+    def refused(cfg):
+        raise ConfigError("alphacryo4d.landscape.bandwidth=0.5 applies to landscape.energy=density only")
+
+    with pytest.raises(SystemExit):
+        run_task(refused, None, output_dir=run)
+    assert (run / ".hydra" / "overrides.yaml").read_text() == saved
+
+
 def test_resolve_ckpt_path(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None and resolve_ckpt_path("auto", tmp_path) is None
     with pytest.raises(ConfigError, match="hydra.run.dir=<run dir> ckpt_path=last"):

@@ -150,6 +150,9 @@ def class_distribution(path: str | Path, fractions: np.ndarray, first: int = 1) 
     for c in range(k):
         color = cmap(c / max(k - 1, 1)) if k > 20 else cmap(c % cmap.N)
         ax.plot(x, fractions[:, c], "o-", ms=3, color=color, label=f"class {c + first}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("EM iteration")
     ax.set_ylabel("class distribution")
     ax.set_ylim(0, min(1.0, float(np.nanmax(fractions, initial=0.0)) * 1.1 + 0.01))

@@ -211,6 +211,9 @@ class ParticleDataModule(L.LightningDataModule):
         if self.table is not None:
             return
         path = self._resolve_particles()
+        if Path(path).is_dir():
+            raise InputError(f"data.particles={path} is a folder; pass the particle file in it "
+                             "(data.particles=<folder>/run_data.star, a .cs, .mrcs or .txt)")
         try:
             table = read_particles(
                 path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,

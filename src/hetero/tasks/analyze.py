@@ -97,16 +97,42 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         cfg.output_dir = str(out)  # resolved (and per multirun job): what the steps and caches use
     with _replacing(out) as replacement:
         metrics = _analyze(cfg, run, steps, out, start)
-        write_json(out / ENTRIES_FILE, sorted(p.name for p in out.iterdir()))
+        write_json(out / ENTRIES_FILE, {"files": _written_files(out)})
         replacement.commit()
     return metrics
 
 
-#: top-level entries of an analysis folder (a folder holding anything else is refused as
-#: output_dir: its files would be replaced); each analysis also lists its own in ENTRIES_FILE
+#: top-level entries of an analysis folder made before analyses listed their files (a folder
+#: holding anything else is refused as output_dir: its files would be replaced); an analysis
+#: lists every file it wrote in ENTRIES_FILE, and a later one refuses any other file there
 ANALYSIS_ENTRIES = frozenset({"analyze_config.yaml", "metrics.json", "report.html", "latent", "latents",
                               "clusters", "maps", "subsets", "figures", "landscape", "class3d", "dynamight"})
 ENTRIES_FILE = ".analysis_entries.json"
+
+
+def _written_files(out: Path) -> list[str]:
+    """Every file under ``out`` (relative, ``/``-separated), the ``latents/`` cache excepted."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                  if p.is_file() and p.relative_to(out).parts[0] != "latents")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Files in an earlier analysis folder that no analysis wrote: not in its ENTRIES_FILE
+    (every file, at any depth), or, for a folder made before that file existed, top-level
+    entries outside ANALYSIS_ENTRIES."""
+    import json
+
+    names = {p.name for p in out.iterdir()}
+    record = None
+    if (out / ENTRIES_FILE).is_file():
+        try:
+            record = json.loads((out / ENTRIES_FILE).read_text())
+        except ValueError:
+            record = None
+    if isinstance(record, dict) and isinstance(record.get("files"), list):
+        return sorted(set(_written_files(out)) - set(record["files"]) - {ENTRIES_FILE})
+    top = set(record) if isinstance(record, list) else set()  # an earlier format: top-level names
+    return sorted(names - ANALYSIS_ENTRIES - top - {ENTRIES_FILE})
 
 
 def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -117,8 +143,6 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
     :raises ConfigError: naming ``output_dir=`` and the entries that are not an analysis's.
     """
-    import json
-
     from hetero.tasks.cli import _multirun
     from hetero.utils.errors import ConfigError
 
@@ -137,20 +161,13 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={given} is a file; give a folder")
     if out.is_dir():
-        names = {p.name for p in out.iterdir()}
-        listed: set[str] = set()
-        if (out / ENTRIES_FILE).is_file():
-            try:
-                listed = set(json.loads((out / ENTRIES_FILE).read_text()))
-            except (ValueError, TypeError):
-                listed = set()
-        foreign = sorted(names - ANALYSIS_ENTRIES - listed - {ENTRIES_FILE})
-        if foreign or {"manifest.json", "checkpoints"} & names:
+        foreign = _foreign_files(out)
+        if foreign or {"manifest.json", "checkpoints"} & {p.name for p in out.iterdir()}:
             shown = ", ".join(foreign[:6]) + (" ..." if len(foreign) > 6 else "")
             raise ConfigError(
                 f"output_dir={given} holds files that no analysis wrote ({shown}); a re-analysis replaces "
-                "its output folder as a whole and would delete them. Move them out, or give an empty or "
-                "new folder (default: <run_dir>/analysis)")
+                "its output folder as a whole and would delete them. Give an empty or new folder "
+                "(default: <run_dir>/analysis); files of your own in an earlier analysis: move them out first")
     return out
 
 

@@ -127,6 +127,8 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         cause = None if isinstance(err, KeyboardInterrupt) else find_user_error(err)
         if cause is None:
             raise
+        if isinstance(cause, ValueError):  # a refusal (config or input), not a stop mid-run (Preempted)
+            _restore_resumed_config()  # the run's recorded config stays as it was
         message = user_message(cause)
         key = getattr(cause, "full_key", None)
         if type(cause).__name__ == "MissingMandatoryValue" and key:
@@ -138,6 +140,28 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         if _multirun():
             raise  # a sweep records the failed job and goes on (Optuna: a failed trial)
         sys.exit(getattr(cause, "exit_code", 1))
+
+
+#: the config files of the run being resumed, as they were before Hydra rewrote them
+#: (:func:`prepare_train_argv`), put back when the resumed task is refused
+_RESUMED_CONFIG: dict[Path, bytes] = {}
+_CONFIG_FILES = (".hydra/overrides.yaml", ".hydra/config.yaml", ".hydra/hydra.yaml", STARTED_MARKER)
+
+
+def _snapshot_config(run_dir: Path) -> None:
+    _RESUMED_CONFIG.clear()
+    for name in _CONFIG_FILES:
+        if (run_dir / name).is_file():
+            _RESUMED_CONFIG[run_dir / name] = (run_dir / name).read_bytes()
+
+
+def _restore_resumed_config() -> None:
+    from hetero.utils.files import atomic_write
+
+    for path, data in _RESUMED_CONFIG.items():
+        if not path.is_file() or path.read_bytes() != data:
+            atomic_write(path, lambda p, data=data: p.write_bytes(data))
+    _RESUMED_CONFIG.clear()
 
 
 def _multirun() -> bool:
@@ -318,6 +342,7 @@ def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> l
     saved = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
     new = [a for a in argv if a not in hydra_args]
     os.environ[_PREEXISTING_ENV] = str(run_dir.resolve())
+    _snapshot_config(run_dir)
     config_file = run_dir / ".hydra" / "config.yaml"
     saved_config = None
     if config_file.is_file():

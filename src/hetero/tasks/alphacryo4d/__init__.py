@@ -32,6 +32,7 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     from hetero.utils.config import apply_extras
 
+    stages.check_landscape_options(cfg.alphacryo4d.landscape)  # before any stage runs
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

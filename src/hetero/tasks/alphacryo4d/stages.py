@@ -139,6 +139,27 @@ def manifold(ctx):
 
 
 # ----------------------------------------------------------------------------- 5. landscape
+def check_landscape_options(c) -> str:
+    """``alphacryo4d.landscape.energy`` (``counts`` or ``density``), checked with ``bandwidth``
+    (density only). Called before any stage runs (:func:`hetero.tasks.alphacryo4d.run_pipeline`).
+
+    :raises ConfigError: an unknown energy, or a bandwidth that would not act.
+    """
+    from hetero.utils.errors import ConfigError
+
+    mode = str(c.get("energy", "counts"))
+    if mode not in ("counts", "density"):
+        raise ConfigError(f"alphacryo4d.landscape.energy must be counts or density, got {mode!r}")
+    bandwidth = c.get("bandwidth")
+    if bandwidth is not None and mode != "density":
+        raise ConfigError(f"alphacryo4d.landscape.bandwidth={bandwidth} applies to landscape.energy=density only "
+                          f"(energy={mode}): set alphacryo4d.landscape.energy=density or "
+                          "alphacryo4d.landscape.bandwidth=null")
+    if bandwidth is not None and not float(bandwidth) > 0:
+        raise ConfigError(f"alphacryo4d.landscape.bandwidth={bandwidth} must be > 0 (embedding units) or null")
+    return mode
+
+
 def landscape(ctx):
     """Pseudo-energy of the kept volumes over the embedding (``landscape.energy``: ``counts``,
     the paper's per-volume ``-ln(n_v / sum n)`` interpolated; or ``density``, of the
@@ -156,17 +177,12 @@ def landscape(ctx):
     kept = members["kept"]
     xy = np.load(paths["embedding"])[kept]
     counts = members["counts"][kept]
-    mode, extra = str(c.get("energy", "counts")), {}
-    if mode != "density" and c.get("bandwidth") is not None:
-        raise ValueError(f"alphacryo4d.landscape.bandwidth={c.bandwidth} applies to landscape.energy=density only "
-                         f"(energy={mode}): set energy=density or leave bandwidth null")
+    mode, extra = check_landscape_options(c), {}
     if mode == "counts":
         land = Landscape.from_points(xy, pseudo_energy(counts), str(c.interpolation))
-    elif mode == "density":
+    else:
         land, bandwidth = volume_density_landscape(xy, counts, c.get("bandwidth"), method=str(c.interpolation))
         extra["bandwidth"] = round(bandwidth, 4)
-    else:
-        raise ValueError(f"alphacryo4d.landscape.energy must be counts or density, got {mode!r}")
     minima, minima_energy = find_minima(land, c.get("min_separation"), c.get("max_minima"), int(c.grid_size))
     xs, ys, grid = land.grid(int(c.grid_size))
     from hetero.utils.files import atomic_write
