@@ -95,10 +95,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     out = _output_dir(cfg, run.path)
     with open_dict(cfg):
         cfg.output_dir = str(out)  # resolved (and per multirun job): what the steps and caches use
-    with _replacing(out) as replacement:
+    with _replacing(out):
         metrics = _analyze(cfg, run, steps, out, start)
         write_json(out / ENTRIES_FILE, {"files": _written_files(out)})
-        replacement.commit()
     return metrics
 
 
@@ -118,21 +117,15 @@ def _written_files(out: Path) -> list[str]:
 
 def _foreign_files(out: Path) -> list[str]:
     """Files in an earlier analysis folder that no analysis wrote: not in its ENTRIES_FILE
-    (every file, at any depth), or, for a folder made before that file existed, top-level
-    entries outside ANALYSIS_ENTRIES."""
+    (every file, at any depth), or, for a folder without a readable one (made before it
+    existed), top-level entries outside ANALYSIS_ENTRIES."""
     import json
 
-    names = {p.name for p in out.iterdir()}
-    record = None
-    if (out / ENTRIES_FILE).is_file():
-        try:
-            record = json.loads((out / ENTRIES_FILE).read_text())
-        except ValueError:
-            record = None
-    if isinstance(record, dict) and isinstance(record.get("files"), list):
-        return sorted(set(_written_files(out)) - set(record["files"]) - {ENTRIES_FILE})
-    top = set(record) if isinstance(record, list) else set()  # an earlier format: top-level names
-    return sorted(names - ANALYSIS_ENTRIES - top - {ENTRIES_FILE})
+    try:
+        listed = json.loads((out / ENTRIES_FILE).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return sorted({p.name for p in out.iterdir()} - ANALYSIS_ENTRIES - {ENTRIES_FILE})
+    return sorted(set(_written_files(out)) - set(listed) - {ENTRIES_FILE})
 
 
 def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
@@ -161,8 +154,8 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={given} is a file; give a folder")
     if out.is_dir():
-        foreign = _foreign_files(out)
-        if foreign or {"manifest.json", "checkpoints"} & {p.name for p in out.iterdir()}:
+        foreign = _foreign_files(out)  # a run's manifest.json or checkpoints/ among them
+        if foreign:
             shown = ", ".join(foreign[:6]) + (" ..." if len(foreign) > 6 else "")
             raise ConfigError(
                 f"output_dir={given} holds files that no analysis wrote ({shown}); a re-analysis replaces "
@@ -174,8 +167,8 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
 @contextmanager
 def _replacing(out: Path):
     """The earlier analysis in ``out`` moved aside while this one is written, deleted when it
-    completes (the caller's ``commit()``), put back if it fails or is stopped (an exception,
-    Ctrl-C, SIGTERM); the ``latents/`` cache stays throughout
+    completes, put back if it fails or is stopped (an exception, Ctrl-C, SIGTERM); the
+    ``latents/`` cache stays throughout
     (:class:`~hetero.utils.folder_replacement.FolderReplacement`)."""
     from hetero.utils.errors import ConfigError
     from hetero.utils.folder_replacement import FolderBusyError, FolderReplacement
@@ -191,7 +184,8 @@ def _replacing(out: Path):
                           "folder whose parent is writable") from None
     previous_handler = _raise_on_sigterm()
     try:
-        yield replacement
+        yield
+        replacement.commit()
     except BaseException:
         earlier = replacement.had_contents()
         replacement.rollback()
