@@ -267,3 +267,21 @@ def test_a_missing_required_value_prints_what_to_pass(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err
     assert "Missing mandatory value: data.particles: pass data.particles=<value>" in err
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a task: no traceback, the shell's status for SIGINT; a sweep sees the error."""
+    import hetero.tasks.cli as cli
+
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+
+    def task(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_task(task, None)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "Traceback" not in err and "Interrupted (Ctrl-C)" in err
+    monkeypatch.setattr(cli, "_multirun", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
+        cli.run_task(task, None)

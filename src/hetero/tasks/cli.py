@@ -17,12 +17,15 @@ stage setting), with or without ``ckpt_path``.
 **Errors.** Input errors (:class:`hetero.data.io.errors.InputError`), the tasks' own
 :class:`hetero.utils.errors.HeteroError` and a few more user-facing errors (any exception class
 with ``user_error = True`` counts too) are printed as their message alone, written to the run's
-log file and end the process with a non-zero status; anything else is a bug and keeps its
+log file and end the process with a non-zero status (1, or 2 for a :class:`ConfigError`: a
+configuration refused before anything ran, as argparse exits on usage errors); anything else is a bug and keeps its
 traceback (a Hydra ``InstantiationException`` is unwrapped to the error it carries). A training
 run that fails before training started (input errors, a configuration that cannot work)
 removes its run directory, unless it existed before (a resumed run); one that fails while
 training keeps it, with the error in its ``train.log``. In a multirun sweep the error is raised on after
 printing, so the sweeper records the failed job and goes on (an Optuna trial that diverged).
+Ctrl-C ends the process with status 130 and one line, after the task cleaned up (Lightning
+stops training gracefully and exits 1 itself; an analysis puts the earlier one back).
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
         return task(cfg)
     except BaseException as err:
         removed = _remove_failed_run_dir(output_dir) if output_dir is not None else None
+        if isinstance(err, KeyboardInterrupt) and not _multirun():
+            # Ctrl-C: the task has already cleaned up (an analysis put the earlier one back,
+            # its log says so); the traceback would only bury that line
+            _log_to_files("interrupted by Ctrl-C")
+            print("\nInterrupted (Ctrl-C).", file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, what shells report for it
         cause = None if isinstance(err, KeyboardInterrupt) else find_user_error(err)
         if cause is None:
             raise
