@@ -240,3 +240,25 @@ def test_sigterm_puts_the_earlier_analysis_back(tmp_path):
         analyze(compose_analyze([*base, "steps=[embedding,tests.analysis.test_analyze_task.sigterm_step]"]))
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
     assert signal.getsignal(signal.SIGTERM) is handler  # the task's handler is removed again
+
+
+def test_multirun_jobs_write_their_own_analysis_folders(tmp_path, monkeypatch):
+    """Under ``-m`` jobs sharing one output_dir (the default or one given) would replace each
+    other's analysis: each gets ``<output_dir>_<job number>``."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    import hetero.tasks.cli as cli
+    from hetero.tasks.analyze import _output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(cli, "_multirun", lambda: True)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(job=SimpleNamespace(num=3))))
+    for given, expected in ((run / "analysis", run / "analysis_3"), (f"{tmp_path}/mine/", tmp_path / "mine_3")):
+        cfg = OmegaConf.create({"run_dir": str(run), "output_dir": str(given)})
+        assert _output_dir(cfg, run) == expected.resolve()
+    monkeypatch.setattr(cli, "_multirun", lambda: False)
+    assert _output_dir(OmegaConf.create({"run_dir": str(run), "output_dir": f"{tmp_path}/mine"}), run) == (tmp_path / "mine").resolve()

@@ -131,8 +131,9 @@ def _foreign_files(out: Path) -> list[str]:
 def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
     """``cfg.output_dir``, checked: not the run directory or a folder above it, not a folder
     holding files that no analysis wrote (they would be deleted by the replacement); under a
-    Hydra multirun the default ``<run_dir>/analysis`` becomes ``<run_dir>/analysis_<job number>``
-    (every job its own analysis).
+    Hydra multirun every job writes ``<output_dir>_<job number>`` (default
+    ``<run_dir>/analysis_<job number>``): jobs sharing one folder would replace each other's
+    analysis.
 
     :raises ConfigError: naming ``output_dir=`` and the entries that are not an analysis's.
     """
@@ -141,11 +142,11 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
     given = str(cfg.output_dir)
     run_dir = Path(os.path.realpath(run_dir))
-    if _multirun() and Path(given) == Path(str(cfg.run_dir)) / "analysis":
+    if _multirun():
         from hydra.core.hydra_config import HydraConfig
 
-        given = f"{given}_{HydraConfig.get().job.num}"
-        log.info(f"multirun: this job's analysis goes to {given} (output_dir=... to choose)")
+        given = f"{given.rstrip('/')}_{HydraConfig.get().job.num}"
+        log.info(f"multirun: this job's analysis goes to {given}")
     out = Path(os.path.realpath(Path(given).expanduser()))
     if out == run_dir or out in run_dir.parents or not out.name:
         raise ConfigError(f"output_dir={given} is the run directory or a folder above it; an analysis "
