@@ -28,6 +28,7 @@ from hetero.models.dynamight.initialization import resample_map
 from hetero.physics.ctf import CTF_COLUMNS
 from hetero.physics.gaussians import project_gaussians, rasterize_gaussians
 from hetero.physics.rotations import random_rotations
+from hetero.utils.errors import ConfigError
 
 
 def make_batch(b: int, box: int, apix: float, seed: int = 0, half=None) -> dict[str, torch.Tensor]:
@@ -238,11 +239,14 @@ def test_decode_matches_the_renderer_on_the_template_grid():
     assert float(via_map.sum() / direct.sum()) == pytest.approx(1.0, rel=0.05)
 
 
-def test_calibration_equals_the_gradient_norm_ratio():
+@pytest.mark.parametrize("norm, batch_size", [("per_batch", 100), ("per_batch", 2), ("accumulated", 2)])
+def test_calibration_equals_the_gradient_norm_ratio(norm, batch_size):
     """lambda_h from the module's calibration pass = factor * ||grad L_data|| / ||grad R|| over
     that half's decoder, computed here by hand on the same particles (posterior sigma ~ 0, so
-    the sampled z is mu)."""
-    m = small_model(calibration_fraction=1.0, boundary_batch_size=100)
+    the sampled z is mu); over several batches: the sum of the batches' norms (reference), or the
+    norm of their summed gradients (``regularization_norm=accumulated``)."""
+    m = small_model(calibration_fraction=1.0, boundary_batch_size=batch_size,
+                    loss={"regularization_norm": norm})
     for vae in m.halves:
         torch.nn.init.normal_(vae.decoder.out.weight, std=0.1)
         with torch.no_grad():
@@ -256,14 +260,31 @@ def test_calibration_equals_the_gradient_norm_ratio():
     E.rebuild_graphs(m)
     E.calibrate_regularization(m)
     prep = m.prepare(batch)
+
+    def flat(grads):
+        return torch.cat([g.reshape(-1) for g in grads])
+
     for h, vae in enumerate(m.halves):
-        out = vae.losses(prep.select(prep.half == h), True, None, 0.0, m.regularizer, m.graphs[h], 1.0,
-                         sample=False)
+        mine = torch.nonzero(prep.half == h).flatten()
         params = list(vae.decoder.parameters())
-        gd = torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(out["data"], params, retain_graph=True)))
-        gg = torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(out["geometric"], params)))
+        grads = {"data": [], "geometric": []}
+        for start in range(0, len(mine), batch_size):
+            sel = torch.zeros(len(prep), dtype=torch.bool)
+            sel[mine[start : start + batch_size]] = True
+            out = vae.losses(prep.select(sel), True, None, 0.0, m.regularizer, m.graphs[h], 1.0, sample=False)
+            for key in grads:
+                grads[key].append(flat(torch.autograd.grad(out[key], params, retain_graph=True)))
+        if norm == "accumulated":
+            gd, gg = (torch.stack(grads[k]).sum(0).norm() for k in ("data", "geometric"))
+        else:
+            gd, gg = (torch.stack([g.norm() for g in grads[k]]).sum() for k in ("data", "geometric"))
         assert float(m.reg_weight[h]) == pytest.approx(0.9 * float(gd / gg), rel=1e-4)
     m._trainer = None
+
+
+def test_an_unknown_regularization_norm_is_refused():
+    with pytest.raises(ConfigError, match="regularization_norm must be per_batch or accumulated"):
+        small_model(loss={"regularization_norm": "mean"})
 
 
 def test_alignment_recovers_an_affine_map_between_latent_spaces():

@@ -144,6 +144,13 @@ def gradient_norm(loss: Tensor, parameters: list[Tensor], retain_graph: bool = T
     return torch.sqrt(torch.stack(squares).sum())
 
 
+def gradient_vector(loss: Tensor, parameters: list[Tensor], retain_graph: bool = True) -> Tensor:
+    """``d loss / d theta`` over ``parameters`` as one flat float32 vector (unused ones: zeros)."""
+    grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1)
+                      for g, p in zip(grads, parameters)])
+
+
 def balanced_weight(
     data_gradient_norm: Tensor | float,
     geometric_gradient_norm: Tensor | float,
@@ -168,5 +175,6 @@ __all__ = [
     "balanced_weight",
     "edge_lengths",
     "gradient_norm",
+    "gradient_vector",
     "radius_graph",
 ]

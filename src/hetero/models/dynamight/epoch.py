@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hetero.losses.geometric import balanced_weight, gradient_norm
+from hetero.losses.geometric import balanced_weight, gradient_norm, gradient_vector
 from hetero.losses.whitening import radial_mean_rfft, rfft_shell_index, whitening_weights
 from hetero.models.dynamight import distributed as dist
 from hetero.models.dynamight.half import PreparedBatch
@@ -343,11 +343,17 @@ def step_poses(m) -> None:
 
 def calibrate_regularization(m) -> None:
     """lambda_h = factor * sum_b ||grad L_data|| / max(sum_b ||grad R||, floor * ...) over the
-    decoder parameters, on a fixed ``calibration_fraction`` of half ``h``'s training particles."""
+    decoder parameters, on a fixed ``calibration_fraction`` of half ``h``'s training particles
+    (reference). With ``loss.regularization_norm=accumulated`` the norms are those of the
+    gradients summed over the batches, ``||sum_b grad||``: the noise of the data gradient averages
+    out instead of adding up, so lambda balances the regulariser against the data's signal."""
     dm = m.trainer.datamodule
     ds = dm.train_dataset
     halves = np.asarray(dm.table.half_set)[dm.train_indices]
     rng = np.random.default_rng(m.cfg["init_seed"] + 1)
+    accumulated = m.regularization_norm == "accumulated"
+    size = sum(p.numel() for p in m.halves[0].decoder.parameters()) if accumulated else 1
+    sums = torch.zeros(2, 2, size, device=m.device)  # accumulated: gradient vectors summed over batches
     norms = torch.zeros(2, 2, device=m.device)
     for h, vae in enumerate(m.halves):
         if float(m.update_rate[h]) == 0:
@@ -361,9 +367,15 @@ def calibrate_regularization(m) -> None:
             prep = m.prepare(batch)
             with torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=_bf16(m)):
                 out = vae.losses(prep, True, None, 0.0, m.regularizer, m.graphs[h], 1.0)
-            norms[h, 0] += gradient_norm(out["data"], params)
-            norms[h, 1] += gradient_norm(out["geometric"], params, retain_graph=False)
+            if accumulated:
+                sums[h, 0] += gradient_vector(out["data"], params)
+                sums[h, 1] += gradient_vector(out["geometric"], params, retain_graph=False)
+            else:
+                norms[h, 0] += gradient_norm(out["data"], params)
+                norms[h, 1] += gradient_norm(out["geometric"], params, retain_graph=False)
     dist.all_reduce_sum(norms)
+    if accumulated:
+        norms = dist.all_reduce_sum(sums).norm(dim=-1)
     for h in (0, 1):
         if float(m.update_rate[h]) > 0:
             m.reg_weight[h] = balanced_weight(norms[h, 0], norms[h, 1], m.regularization_factor,

@@ -45,6 +45,7 @@ from hetero.models.opusdsd.module import _plain
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.gaussians import centered_to_rfft
 from hetero.physics.masks import circular_mask
+from hetero.utils.errors import ConfigError
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
@@ -122,6 +123,10 @@ class DynaMight(HeteroModel):
         self.regularizer = terms.get("geometric") or GeometricRegularization()
         self.regularization_factor = float(terms.get("regularization_factor", 0.9))
         self.regularization_floor = float(terms.get("regularization_floor", 5e-4))
+        self.regularization_norm = str(terms.get("regularization_norm", "per_batch"))
+        if self.regularization_norm not in ("per_batch", "accumulated"):
+            raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
+                              f"{self.regularization_norm!r}")
         self.kl_weight = kl_weight(float(terms.get("kld_factor", 0.01)), d)
         self.noise_whitening = bool(terms.get("noise_whitening", True))
         self.schedule = schedule or DynaMightSchedule()
