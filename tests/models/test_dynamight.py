@@ -385,3 +385,19 @@ def test_the_documented_commands_compose(tmp_path):
     assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.precision) == ("ddp", 4, "bf16-mixed")
     assert cfg.model.n_gaussians == 10000 and cfg.model.zdim == 6
     assert cfg.loss.regularization_factor == 0.9 and cfg.model.scheduler is None
+
+
+def test_kl_weight_is_constant_or_ramps_from_zero_after_warm_up():
+    """``loss.kld_warmup_epochs``: beta = kld_factor / D^2 throughout (0, the default), or a linear
+    ramp from 0 at the first deformation epoch to beta after that many epochs."""
+    beta = 0.01 / 16**2
+    assert small_model().kl_weight == pytest.approx(beta)
+    m = small_model(loss={"kld_warmup_epochs": 4})
+    warmup = m.schedule.n_warmup_epochs
+    expected = {0: 0.0, warmup: 0.0, warmup + 1: 0.25, warmup + 3: 0.75, warmup + 4: 1.0, warmup + 40: 1.0}
+    for epoch, fraction in expected.items():
+        m._trainer = SimpleNamespace(current_epoch=epoch)
+        assert m.kl_weight == pytest.approx(fraction * beta), epoch
+    m._trainer = None
+    with pytest.raises(ConfigError, match="kld_warmup_epochs must be >= 0"):
+        small_model(loss={"kld_warmup_epochs": -1})

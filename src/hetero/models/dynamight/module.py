@@ -127,7 +127,10 @@ class DynaMight(HeteroModel):
         if self.regularization_norm not in ("per_batch", "accumulated"):
             raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
                               f"{self.regularization_norm!r}")
-        self.kl_weight = kl_weight(float(terms.get("kld_factor", 0.01)), d)
+        self.kl_beta = kl_weight(float(terms.get("kld_factor", 0.01)), d)
+        self.kld_warmup_epochs = int(terms.get("kld_warmup_epochs", 0))
+        if self.kld_warmup_epochs < 0:
+            raise ConfigError(f"loss.kld_warmup_epochs must be >= 0, got {self.kld_warmup_epochs}")
         self.noise_whitening = bool(terms.get("noise_whitening", True))
         self.schedule = schedule or DynaMightSchedule()
         self.cfg = dict(
@@ -277,6 +280,16 @@ class DynaMight(HeteroModel):
         if not bool(self.initialized):
             initialize_consensus(self)
         E.rebuild_graphs(self)
+
+    @property
+    def kl_weight(self) -> float:
+        """beta of this epoch: constant (``kld_warmup_epochs=0``, the notes' reference HEAD) or
+        ``beta * min(1, (epoch - n_warmup_epochs) / kld_warmup_epochs)``, a linear ramp from 0
+        over the first deformation epochs (other reference versions: ``min(epoch, 100) / 100``)."""
+        if self.kld_warmup_epochs == 0:
+            return self.kl_beta
+        done = int(self.current_epoch) - self.schedule.n_warmup_epochs
+        return self.kl_beta * min(1.0, max(0.0, done / self.kld_warmup_epochs))
 
     def on_train_epoch_start(self) -> None:
         E.epoch_boundary(self, int(self.current_epoch))
