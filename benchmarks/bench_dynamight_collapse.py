@@ -170,6 +170,21 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def swap_half_sets() -> None:
+    """Diagnostic: every particle goes to the other half set (the data module's assignment,
+    ``1 - h``), so half-set slot 1 trains on what slot 2 did and vice versa; network and
+    consensus seeding stay with the slot."""
+    from hetero.data.datamodule import ParticleDataModule
+
+    assign = ParticleDataModule._make_half_sets
+
+    def swapped(self, table):
+        halves, source = assign(self, table)
+        return (1 - np.asarray(halves)).astype(np.int8), source
+
+    ParticleDataModule._make_half_sets = swapped
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", default=None, metavar="NAME=OVERRIDES",
@@ -186,6 +201,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON list the records are appended to")
     p.add_argument("--oracle", action="store_true", help="score the maximum-likelihood oracle instead")
     p.add_argument("--table", default=None, metavar="JSON", help="only print the Markdown table of a result file")
+    p.add_argument("--swap-halves", action="store_true",
+                   help="exchange the two half sets (does an outcome follow the particles or the slot?)")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
@@ -206,13 +223,15 @@ def main() -> None:
     if args.oracle:
         print("RESULT " + json.dumps({**oracle(common), "particles": args.particles, "snr": args.snr}))
         return
+    if args.swap_halves:
+        swap_half_sets()
     for name, ov in variants.items():
         for seed in args.seeds:
             res = run_one([*common, *ov], seed)
             rec = {"variant": name, "overrides": ov, "seed": seed, "particles": args.particles,
                    "epochs": args.epochs, "batch": args.batch, "snr": args.snr, **res,
                    "date": str(date.today()), "finished": datetime.now().strftime("%H:%M"),
-                   "commit": commit, "extra": args.extra,
+                   "commit": commit, "extra": args.extra, "swap_halves": args.swap_halves,
                    "load": Path("/proc/loadavg").read_text().split()[:3]}
             print("RESULT " + json.dumps(rec), flush=True)
             if args.out:
