@@ -185,6 +185,23 @@ def swap_half_sets() -> None:
     ParticleDataModule._make_half_sets = swapped
 
 
+def swap_initial_states() -> None:
+    """Diagnostic: right after the consensus initialisation the two half-set VAEs exchange their
+    whole state (networks and fitted consensus), so only the processing order stays with the
+    slot; with ``--swap-halves`` a run is the mirror image of the unswapped one."""
+    import hetero.models.dynamight.module as module
+
+    initialize = module.initialize_consensus
+
+    def swapped(m):
+        initialize(m)
+        first, second = (dict((k, v.clone()) for k, v in vae.state_dict().items()) for vae in m.halves)
+        m.halves[0].load_state_dict(second)
+        m.halves[1].load_state_dict(first)
+
+    module.initialize_consensus = swapped
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", action="append", default=None, metavar="NAME=OVERRIDES",
@@ -203,6 +220,8 @@ def main() -> None:
     p.add_argument("--table", default=None, metavar="JSON", help="only print the Markdown table of a result file")
     p.add_argument("--swap-halves", action="store_true",
                    help="exchange the two half sets (does an outcome follow the particles or the slot?)")
+    p.add_argument("--swap-init", action="store_true",
+                   help="exchange the two VAEs' initial states (networks and consensus) after initialisation")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
@@ -225,6 +244,8 @@ def main() -> None:
         return
     if args.swap_halves:
         swap_half_sets()
+    if args.swap_init:
+        swap_initial_states()
     for name, ov in variants.items():
         for seed in args.seeds:
             res = run_one([*common, *ov], seed)
@@ -232,6 +253,7 @@ def main() -> None:
                    "epochs": args.epochs, "batch": args.batch, "snr": args.snr, **res,
                    "date": str(date.today()), "finished": datetime.now().strftime("%H:%M"),
                    "commit": commit, "extra": args.extra, "swap_halves": args.swap_halves,
+                   "swap_init": args.swap_init,
                    "load": Path("/proc/loadavg").read_text().split()[:3]}
             print("RESULT " + json.dumps(rec), flush=True)
             if args.out:

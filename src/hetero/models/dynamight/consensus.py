@@ -101,12 +101,15 @@ class GaussianConsensus(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def seed(self, volume: Tensor, threshold: float | None = None, quantile: float = 0.99,
-             generator: torch.Generator | None = None) -> float:
-        """Place the Gaussians uniformly at random inside the voxels of ``volume`` (a
-        ``(D, D, D)`` map on the training grid) above ``threshold`` (default: the ``quantile``
-        of the map). Returns the threshold used.
+             generator: torch.Generator | None = None, sampling: str = "random") -> float:
+        """Place the Gaussians inside the voxels of ``volume`` (a ``(D, D, D)`` map on the
+        training grid) above ``threshold`` (default: the ``quantile`` of the map), each at a
+        uniform random point of its voxel. ``sampling="random"``: voxels drawn with replacement
+        (the reference's rejection sampling; some voxels get none, ~e^(-N/M) of M); ``"stratified"``
+        (hetero option): every voxel gets ``N // M`` Gaussians and ``N mod M`` voxels drawn without
+        replacement one more. Returns the threshold used.
 
-        :raises ValueError: no voxel is above the threshold.
+        :raises ValueError: no voxel is above the threshold, or an unknown ``sampling``.
         """
         vol = volume.detach().float().cpu()
         if threshold is None:
@@ -120,8 +123,14 @@ class GaussianConsensus(nn.Module):
                 f"(map range {float(vol.min()):.4g} .. {float(vol.max()):.4g}); lower "
                 "model.initial_threshold"
             )
-        pick = torch.randint(len(above), (self.n_gaussians,), generator=generator)
-        jitter = torch.rand(self.n_gaussians, 3, generator=generator) - 0.5
+        n, m = self.n_gaussians, len(above)
+        if sampling == "random":
+            pick = torch.randint(m, (n,), generator=generator)
+        elif sampling == "stratified":
+            pick = torch.cat([torch.arange(m).repeat(n // m), torch.randperm(m, generator=generator)[: n % m]])
+        else:
+            raise ValueError(f"sampling must be 'random' or 'stratified', got {sampling!r}")
+        jitter = torch.rand(n, 3, generator=generator) - 0.5
         zyx = above[pick].float() + jitter - vol.shape[-1] // 2
         xyz_px = zyx.flip(-1)
         self.positions.copy_((xyz_px / vol.shape[-1]).to(self.positions))

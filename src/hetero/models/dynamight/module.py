@@ -81,6 +81,7 @@ class DynaMight(HeteroModel):
         decoder_layers: int = 8, decoder_width: int = 32, decoder_out_init_std: float = 0.0,
         decoder_hidden_init: str = "reference",
         initial_threshold: float | None = None, initial_quantile: float = 0.99,
+        initial_sampling: str = "random",
         initial_width_px: float | None = None, min_width_px: float = 0.75, max_width_px: float = 4.0,
         shared_width: bool = False,
         fit_steps: int = 50, fit_lr: float = 1e-4, init_max_particles: int = 20000,
@@ -97,6 +98,8 @@ class DynaMight(HeteroModel):
         super().__init__(box_size, apix, template_size, optimizer, None, render_method, **data_info)
         if scheduler is not None:
             raise ValueError("model=dynamight sets its learning rates per phase; pass scheduler=null")
+        if initial_sampling not in ("random", "stratified"):
+            raise ConfigError(f"model.initial_sampling must be random or stratified, got {initial_sampling!r}")
         if decode_half not in (1, 2):
             raise ValueError(f"model.decode_half must be 1 or 2, got {decode_half}")
         hparams = {k: _plain(v) for k, v in locals().items()
@@ -135,7 +138,8 @@ class DynaMight(HeteroModel):
         self.schedule = schedule or DynaMightSchedule()
         self.cfg = dict(
             consensus_map=consensus_map, initial_threshold=initial_threshold,
-            initial_quantile=float(initial_quantile), fit_steps=int(fit_steps), fit_lr=float(fit_lr),
+            initial_quantile=float(initial_quantile), initial_sampling=str(initial_sampling),
+            fit_steps=int(fit_steps), fit_lr=float(fit_lr),
             init_max_particles=int(init_max_particles), init_wiener_snr=float(init_wiener_snr),
             init_seed=int(init_seed), update_decay=float(update_decay), update_floor=float(update_floor),
             calibration_fraction=float(calibration_fraction), pose_lr=float(pose_lr),
