@@ -186,18 +186,32 @@ def swap_half_sets() -> None:
 
 
 def swap_initial_states() -> None:
-    """Diagnostic: right after the consensus initialisation the two half-set VAEs exchange their
-    whole state (networks and fitted consensus), so only the processing order stays with the
-    slot; with ``--swap-halves`` a run is the mirror image of the unswapped one."""
+    """Diagnostic: the two half-set VAEs exchange their networks' initial weights and their
+    consensus seeding draws (``model.init_seed``'s generator seeds slot 2 first); each consensus
+    is still fitted to its own half set's map. With ``--swap-halves`` a run is the mirror image
+    of the unswapped one: slot 1 starts exactly as slot 2 did there, on the same particles; only
+    the processing order (and the sampling noise drawn in it) stays with the slot."""
+    import hetero.models.dynamight.initialization as init
     import hetero.models.dynamight.module as module
 
-    initialize = module.initialize_consensus
+    initialize, maps = module.initialize_consensus, init.half_set_maps
+
+    def reversed_maps(*args, **kwargs):
+        volumes, used = maps(*args, **kwargs)
+        return volumes[::-1], used[::-1]
 
     def swapped(m):
-        initialize(m)
         first, second = (dict((k, v.clone()) for k, v in vae.state_dict().items()) for vae in m.halves)
         m.halves[0].load_state_dict(second)
         m.halves[1].load_state_dict(first)
+        slots = m.halves._modules
+        slots["0"], slots["1"] = slots["1"], slots["0"]  # seeded in reverse order, with their own maps
+        init.half_set_maps = reversed_maps
+        try:
+            initialize(m)
+        finally:
+            slots["0"], slots["1"] = slots["1"], slots["0"]
+            init.half_set_maps = maps
 
     module.initialize_consensus = swapped
 
@@ -221,7 +235,7 @@ def main() -> None:
     p.add_argument("--swap-halves", action="store_true",
                    help="exchange the two half sets (does an outcome follow the particles or the slot?)")
     p.add_argument("--swap-init", action="store_true",
-                   help="exchange the two VAEs' initial states (networks and consensus) after initialisation")
+                   help="exchange the two VAEs' initial network weights and consensus seeding draws")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))

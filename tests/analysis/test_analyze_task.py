@@ -252,6 +252,7 @@ def test_multirun_jobs_write_their_own_analysis_folders(tmp_path, monkeypatch):
 
     import hetero.tasks.cli as cli
     from hetero.tasks.analyze import _output_dir
+    from hetero.utils.errors import ConfigError
 
     run = tmp_path / "run"
     run.mkdir()
@@ -260,5 +261,10 @@ def test_multirun_jobs_write_their_own_analysis_folders(tmp_path, monkeypatch):
     for given, expected in ((run / "analysis", run / "analysis_3"), (f"{tmp_path}/mine/", tmp_path / "mine_3")):
         cfg = OmegaConf.create({"run_dir": str(run), "output_dir": str(given)})
         assert _output_dir(cfg, run) == expected.resolve()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ is expanded before the suffix
+    assert _output_dir(OmegaConf.create({"run_dir": str(run), "output_dir": "~/out"}), run) == \
+        (tmp_path / "home" / "out_3").resolve()
+    with pytest.raises(ConfigError, match="is the run directory"):  # refused, not made a sibling
+        _output_dir(OmegaConf.create({"run_dir": str(run), "output_dir": str(run)}), run)
     monkeypatch.setattr(cli, "_multirun", lambda: False)
     assert _output_dir(OmegaConf.create({"run_dir": str(run), "output_dir": f"{tmp_path}/mine"}), run) == (tmp_path / "mine").resolve()

@@ -51,3 +51,26 @@ def test_unknown_sampling_is_refused():
         GaussianConsensus(10, BOX, APIX).seed(_map(), sampling="uniform")
     with pytest.raises(ConfigError, match="model.initial_sampling must be random or stratified"):
         DynaMight(BOX, APIX, n_gaussians=10, initial_sampling="uniform")
+
+
+def test_model_initial_sampling_reaches_the_seeding(tmp_path, monkeypatch):
+    """``model.initial_sampling`` is what both half sets' consensus seeding uses."""
+    from hetero.data.io.mrc import write_volume
+    from hetero.models.dynamight.initialization import initialize_consensus
+
+    path = tmp_path / "consensus.mrc"
+    write_volume(path, _map().numpy(), APIX)
+    seen = []
+    seed = GaussianConsensus.seed
+
+    def spy(self, *args, **kwargs):
+        seen.append(args[4] if len(args) > 4 else kwargs.get("sampling"))
+        return seed(self, *args, **kwargs)
+
+    monkeypatch.setattr(GaussianConsensus, "seed", spy)
+    for sampling in ("stratified", "random"):
+        seen.clear()
+        m = DynaMight(BOX, APIX, n_gaussians=40, zdim=2, consensus_map=str(path), fit_steps=0,
+                      initial_sampling=sampling)
+        initialize_consensus(m)
+        assert seen == [sampling, sampling]

@@ -285,3 +285,24 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(cli, "_multirun", lambda: True)
     with pytest.raises(KeyboardInterrupt):
         cli.run_task(task, None)
+
+
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_again():
+    """Lightning ends fit after Ctrl-C with ``sys.exit(1)``; _fit turns that back into a
+    KeyboardInterrupt (status 130 at the entry point); other exits pass through."""
+    from types import SimpleNamespace
+
+    from hetero.tasks.train import _fit
+
+    def trainer(code, interrupted):
+        def fit(*args, **kwargs):
+            raise SystemExit(code)
+
+        return SimpleNamespace(fit=fit, interrupted=interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(trainer(1, True), None, None, None)
+    for code, interrupted in ((1, False), (2, True)):
+        with pytest.raises(SystemExit) as exit_:
+            _fit(trainer(code, interrupted), None, None, None)
+        assert exit_.value.code == code

@@ -142,16 +142,17 @@ def _output_dir(cfg: DictConfig, run_dir: Path) -> Path:
 
     given = str(cfg.output_dir)
     run_dir = Path(os.path.realpath(run_dir))
-    if _multirun():
-        from hydra.core.hydra_config import HydraConfig
-
-        given = f"{given.rstrip('/')}_{HydraConfig.get().job.num}"
-        log.info(f"multirun: this job's analysis goes to {given}")
     out = Path(os.path.realpath(Path(given).expanduser()))
     if out == run_dir or out in run_dir.parents or not out.name:
         raise ConfigError(f"output_dir={given} is the run directory or a folder above it; an analysis "
                           "replaces its output folder as a whole: give a folder of its own (default: "
                           "<run_dir>/analysis)")
+    if _multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        out = out.with_name(f"{out.name}_{HydraConfig.get().job.num}")
+        given = str(out)
+        log.info(f"multirun: this job's analysis goes to {given}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={given} is a file; give a folder")
     if out.is_dir():

@@ -25,7 +25,7 @@ removes its run directory, unless it existed before (a resumed run); one that fa
 training keeps it, with the error in its ``train.log``. In a multirun sweep the error is raised on after
 printing, so the sweeper records the failed job and goes on (an Optuna trial that diverged).
 Ctrl-C ends the process with status 130 and one line, after the task cleaned up (Lightning
-stops training gracefully and exits 1 itself; an analysis puts the earlier one back).
+stops training gracefully first; an analysis puts the earlier one back).
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def run_task(task, cfg, output_dir: str | Path | None = None) -> object:
             # its log says so); the traceback would only bury that line
             _log_to_files("interrupted by Ctrl-C")
             print("\nInterrupted (Ctrl-C).", file=sys.stderr)
+            if removed:
+                print(f"(nothing was trained: removed the run directory {removed})", file=sys.stderr)
             sys.exit(130)  # 128 + SIGINT, what shells report for it
         cause = None if isinstance(err, KeyboardInterrupt) else find_user_error(err)
         if cause is None:

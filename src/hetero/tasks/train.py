@@ -216,13 +216,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
-    """``trainer.fit``; Lightning's SIGTERM stop (an exit with status 0) becomes :class:`Preempted`."""
+    """``trainer.fit``; Lightning's SIGTERM stop (an exit with status 0) becomes :class:`Preempted`,
+    and its exit after Ctrl-C (``sys.exit(1)`` once it has shut down gracefully) a
+    :class:`KeyboardInterrupt` again, which the entry points end with status 130."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         raise Preempted(_sigterm_message(trainer)) from None
+    except SystemExit as err:
+        if err.code == 1 and getattr(trainer, "interrupted", False):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _sigterm_message(trainer) -> str:

@@ -352,9 +352,10 @@ def calibrate_regularization(m) -> None:
     halves = np.asarray(dm.table.half_set)[dm.train_indices]
     rng = np.random.default_rng(m.cfg["init_seed"] + 1)
     accumulated = m.regularization_norm == "accumulated"
-    size = sum(p.numel() for p in m.halves[0].decoder.parameters()) if accumulated else 1
-    sums = torch.zeros(2, 2, size, device=m.device)  # accumulated: gradient vectors summed over batches
-    norms = torch.zeros(2, 2, device=m.device)
+    size = sum(p.numel() for p in m.halves[0].decoder.parameters())
+    # (half, data|geometric): per_batch sums the batches' gradient norms, accumulated the
+    # gradient vectors themselves (their norm is taken once all batches are in)
+    sums = torch.zeros(2, 2, size if accumulated else 1, device=m.device)
     for h, vae in enumerate(m.halves):
         if float(m.update_rate[h]) == 0:
             continue
@@ -367,15 +368,10 @@ def calibrate_regularization(m) -> None:
             prep = m.prepare(batch)
             with torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=_bf16(m)):
                 out = vae.losses(prep, True, None, 0.0, m.regularizer, m.graphs[h], 1.0)
-            if accumulated:
-                sums[h, 0] += gradient_vector(out["data"], params)
-                sums[h, 1] += gradient_vector(out["geometric"], params, retain_graph=False)
-            else:
-                norms[h, 0] += gradient_norm(out["data"], params)
-                norms[h, 1] += gradient_norm(out["geometric"], params, retain_graph=False)
-    dist.all_reduce_sum(norms)
-    if accumulated:
-        norms = dist.all_reduce_sum(sums).norm(dim=-1)
+            grad = gradient_vector if accumulated else gradient_norm
+            sums[h, 0] += grad(out["data"], params)
+            sums[h, 1] += grad(out["geometric"], params, retain_graph=False)
+    norms = dist.all_reduce_sum(sums).norm(dim=-1)  # per_batch: the norm of a 1-vector, itself
     for h in (0, 1):
         if float(m.update_rate[h]) > 0:
             m.reg_weight[h] = balanced_weight(norms[h, 0], norms[h, 1], m.regularization_factor,

@@ -119,7 +119,7 @@ def initialize_consensus(m) -> None:
     gen = torch.Generator().manual_seed(cfg["init_seed"])
     for h, vae in enumerate(m.halves):
         threshold = vae.consensus.seed(maps[h], cfg["initial_threshold"], cfg["initial_quantile"], gen,
-                                           cfg["initial_sampling"])
+                                       cfg["initial_sampling"])
         res = vae.consensus.fit(maps[h].to(m.device), cfg["fit_steps"], cfg["fit_lr"])
         log.info(f"Half set {h + 1}: {vae.consensus.n_gaussians} Gaussians seeded above {threshold:.4g}; "
                  f"relative residual {res['scale_residual']:.3f} (scale) -> {res['fit_residual']:.3f} (fit)")

@@ -131,9 +131,10 @@ class DynaMight(HeteroModel):
             raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
                               f"{self.regularization_norm!r}")
         self.kl_beta = kl_weight(float(terms.get("kld_factor", 0.01)), d)
-        self.kld_warmup_epochs = int(terms.get("kld_warmup_epochs", 0))
-        if self.kld_warmup_epochs < 0:
-            raise ConfigError(f"loss.kld_warmup_epochs must be >= 0, got {self.kld_warmup_epochs}")
+        warmup = terms.get("kld_warmup_epochs", 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ConfigError(f"loss.kld_warmup_epochs must be a whole number of epochs >= 0, got {warmup!r}")
+        self.kld_warmup_epochs = warmup
         self.noise_whitening = bool(terms.get("noise_whitening", True))
         self.schedule = schedule or DynaMightSchedule()
         self.cfg = dict(
@@ -336,6 +337,7 @@ class DynaMight(HeteroModel):
         for h in (0, 1):
             self.log(f"train/lambda_half{h + 1}", float(self.reg_weight[h]), sync_dist=True)
             self.log(f"train/update_rate_half{h + 1}", float(self.update_rate[h]), sync_dist=True)
+        self.log("train/kl_beta", self.kl_weight, sync_dist=True)  # loss.kld_warmup_epochs
         if int(self.frozen_epoch) >= 0 and self.current_epoch + 1 >= self.schedule.stop_epoch(int(self.frozen_epoch)):
             log.info(f"DynaMight: consensus frozen since epoch {int(self.frozen_epoch)}; stopping")
             self.trainer.should_stop = True
