@@ -135,20 +135,16 @@ class GeometricRegularization(nn.Module):
         return {"total": total, "distance": distance, "too_close": too_close}
 
 
-def gradient_norm(loss: Tensor, parameters: list[Tensor], retain_graph: bool = True) -> Tensor:
-    """``||d loss / d theta||_2`` over ``parameters`` (those without a gradient path count 0)."""
-    grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
-    squares = [g.float().pow(2).sum() for g in grads if g is not None]
-    if not squares:
-        return loss.new_zeros(()).float()
-    return torch.sqrt(torch.stack(squares).sum())
-
-
 def gradient_vector(loss: Tensor, parameters: list[Tensor], retain_graph: bool = True) -> Tensor:
     """``d loss / d theta`` over ``parameters`` as one flat float32 vector (unused ones: zeros)."""
     grads = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1)
                       for g, p in zip(grads, parameters)])
+
+
+def gradient_norm(loss: Tensor, parameters: list[Tensor], retain_graph: bool = True) -> Tensor:
+    """``||d loss / d theta||_2`` over ``parameters`` (those without a gradient path count 0)."""
+    return gradient_vector(loss, parameters, retain_graph).norm()
 
 
 def balanced_weight(

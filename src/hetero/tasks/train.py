@@ -67,6 +67,17 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def prepare_machine(cfg: DictConfig) -> dict:
+    """:func:`check_machine`, then torch's threads from ``cfg.threads`` for the processes it
+    counts (:func:`hetero.utils.threads.configure_threads`), logged; returns that function's
+    record. Every task that trains calls it first."""
+    from hetero.utils.threads import configure_threads
+
+    threads = configure_threads(cfg.get("threads", "auto"), check_machine(cfg))
+    log.info(f"torch threads per process: {threads['threads']} ({threads['how']})")
+    return threads
+
+
 def check_machine(cfg: DictConfig) -> int:
     """Refuse a GPU trainer on a machine without one; warn when CPU processes exceed cores.
 
@@ -151,13 +162,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     import hydra
     import lightning as L
 
-    from hetero.utils.threads import configure_threads
-
     apply_extras(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    processes = check_machine(cfg)
-    threads = configure_threads(cfg.get("threads", "auto"), processes)
-    log.info(f"torch threads per process: {threads['threads']} ({threads['how']})")
+    threads = prepare_machine(cfg)
     ckpt_setting = cfg.get("ckpt_path")
     if not ckpt_setting and _requeued():
         ckpt_setting = "auto"  # a requeued SLURM job (submitit launcher) continues its run

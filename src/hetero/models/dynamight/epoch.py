@@ -352,10 +352,10 @@ def calibrate_regularization(m) -> None:
     halves = np.asarray(dm.table.half_set)[dm.train_indices]
     rng = np.random.default_rng(m.cfg["init_seed"] + 1)
     accumulated = m.regularization_norm == "accumulated"
-    size = sum(p.numel() for p in m.halves[0].decoder.parameters())
+    size = sum(p.numel() for p in m.halves[0].decoder.parameters()) if accumulated else 1
     # (half, data|geometric): per_batch sums the batches' gradient norms, accumulated the
     # gradient vectors themselves (their norm is taken once all batches are in)
-    sums = torch.zeros(2, 2, size if accumulated else 1, device=m.device)
+    sums = torch.zeros(2, 2, size, device=m.device)
     for h, vae in enumerate(m.halves):
         if float(m.update_rate[h]) == 0:
             continue

@@ -30,14 +30,12 @@ def run_pipeline(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         run_stages,
         write_run_files,
     )
-    from hetero.tasks.train import check_machine
+    from hetero.tasks.train import prepare_machine
     from hetero.utils.config import apply_extras
-    from hetero.utils.threads import configure_threads
 
     stages.check_landscape_options(cfg.alphacryo4d.landscape)  # before any stage runs
     apply_extras(cfg)
-    threads = configure_threads(cfg.get("threads", "auto"), check_machine(cfg))
-    log.info(f"torch threads per process: {threads['threads']} ({threads['how']})")
+    prepare_machine(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
