@@ -23,6 +23,10 @@ What ``setup`` does, once:
    training images *after* Fourier cropping to ``box_size``; ``mean`` stays 0 (the CTF/DC
    image model needs unshifted images). Saved in the split file and in ``state_dict``.
 
+Steps 3-4 (making, saving and restoring the split state) are
+:class:`~hetero.data.splits.SplitStateMixin`; the datasets and loaders are
+:class:`~hetero.data.dataloaders.ParticleLoadersMixin`.
+
 DDP: the trainer must use ``use_distributed_sampler=False``; the batch samplers of
 :mod:`hetero.data.samplers` shard by ``trainer.global_rank`` / ``trainer.world_size``.
 
@@ -36,28 +40,20 @@ Example usage::
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from hetero.data.dataset import ParticleDataset, collate_particles, estimate_normalization
+from hetero.data.dataloaders import ParticleLoadersMixin
+from hetero.data.dataset import ParticleDataset
 from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.readers import read_particles
-from hetero.data.loader import ResumableDataLoader
 from hetero.data.particles import ParticleTable
 from hetero.data.resample import resample_plan
-from hetero.data.samplers import (
-    HealpixBatchSampler,
-    RandomBatchSampler,
-    SequentialShardBatchSampler,
-)
-from hetero.utils.files import atomic_write
+from hetero.data.splits import SplitStateMixin, as_numpy
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
@@ -67,7 +63,7 @@ __all__ = ["ParticleDataModule", "SAMPLERS"]
 SAMPLERS = ("healpix", "random", "sequential")
 
 
-class ParticleDataModule(L.LightningDataModule):
+class ParticleDataModule(SplitStateMixin, ParticleLoadersMixin, L.LightningDataModule):
     """Particles of one consensus refinement, as training/validation/prediction loaders.
 
     :param particles: path of a ``.star`` / ``.cs`` / ``.mrcs`` / ``.txt`` input, or an object
@@ -143,12 +139,7 @@ class ParticleDataModule(L.LightningDataModule):
         dropped_file: str | None = None,
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise InputError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise InputError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if int(batch_size) < 1:
-            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
+        _check_options(sampler, val_fraction, batch_size)
         self.particles = particles
         self.datadir = datadir
         self.poses = poses
@@ -185,7 +176,10 @@ class ParticleDataModule(L.LightningDataModule):
         self.dropped_rows = np.zeros(0, dtype=np.int64)
         #: ground-truth folder of a synthetic dataset (``None`` for real data)
         self.truth_dir = getattr(particles, "truth_dir", None)
+        self._init_setup_state()
 
+    def _init_setup_state(self) -> None:
+        """The attributes ``setup`` sets (``None`` / neutral until then)."""
         #: the full particle table (input order), with the half sets in use; set by ``setup``
         self.table: ParticleTable | None = None
         self.particles_path: str | None = None
@@ -211,29 +205,8 @@ class ParticleDataModule(L.LightningDataModule):
         if self.table is not None:
             return
         path = self._resolve_particles()
-        if Path(path).is_dir():
-            raise InputError(f"data.particles={path} is a folder; pass the particle file in it "
-                             "(data.particles=<folder>/run_data.star, a .cs, .mrcs or .txt)")
-        try:
-            table = read_particles(
-                path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
-                pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
-                **self.acquisition,
-            )
-        except MissingFileError:
-            if Path(path).exists():
-                raise  # a file it references (stack, poses, ctf) names itself
-            raise MissingFileError(f"data.particles={path}: particle file does not exist; "
-                                   "pass data.particles=<your .star/.cs/.mrcs/.txt>") from None
+        table = self._read_table(path)
         n = len(table)
-        if n == 0:
-            raise InputError(f"{path}: the particle selection is empty (0 particles)")
-        if self.sampler == "healpix" and table.rotations is None:
-            raise InputError(
-                f"{path}: no poses (orientations) found, but data.sampler=healpix groups "
-                "particles by projection direction; give a consensus refinement with angles "
-                "(or data.poses=<cryoDRGN pose pickle>) or use data/sampler=random"
-            )
         if self.drop_nonfinite:
             table = self._drop_nonfinite(table)
             n = len(table)
@@ -286,6 +259,33 @@ class ParticleDataModule(L.LightningDataModule):
             f"{source}, box {table.box_size} -> {box} px, norm scale {self.norm_scale:.4g}"
         )
 
+    def _read_table(self, path: str) -> ParticleTable:
+        """The particle table of ``path``; refuses a folder, a missing file, an empty selection
+        and (``healpix`` sampler) missing poses."""
+        if Path(path).is_dir():
+            raise InputError(f"data.particles={path} is a folder; pass the particle file in it "
+                             "(data.particles=<folder>/run_data.star, a .cs, .mrcs or .txt)")
+        try:
+            table = read_particles(
+                path, datadir=self.datadir, poses=self.poses, ctf=self.ctf,
+                pixel_size_angstrom=self.pixel_size_angstrom, pose_shift_units=self.pose_shift_units,
+                **self.acquisition,
+            )
+        except MissingFileError:
+            if Path(path).exists():
+                raise  # a file it references (stack, poses, ctf) names itself
+            raise MissingFileError(f"data.particles={path}: particle file does not exist; "
+                                   "pass data.particles=<your .star/.cs/.mrcs/.txt>") from None
+        if len(table) == 0:
+            raise InputError(f"{path}: the particle selection is empty (0 particles)")
+        if self.sampler == "healpix" and table.rotations is None:
+            raise InputError(
+                f"{path}: no poses (orientations) found, but data.sampler=healpix groups "
+                "particles by projection direction; give a consensus refinement with angles "
+                "(or data.poses=<cryoDRGN pose pickle>) or use data/sampler=random"
+            )
+        return table
+
     def info(self) -> dict[str, Any]:
         """Plain geometry/count values models are built from (valid after ``setup``).
 
@@ -311,174 +311,10 @@ class ParticleDataModule(L.LightningDataModule):
             "particles_file": str(self.particles_path or self.table.source),
         }
 
-    # -- loaders ------------------------------------------------------------------------------
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
-    def _loader(self, dataset: ParticleDataset, batch_sampler, resumable: bool = False) -> DataLoader:
-        # A private generator: starting an iterator draws its worker seed from it instead of
-        # from the global torch RNG, so loaders never shift the models' random streams (a
-        # resumed run then continues exactly as an uninterrupted one).
-        kwargs = dict(
-            batch_sampler=batch_sampler,
-            collate_fn=collate_particles,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            generator=torch.Generator().manual_seed(self.sampler_seed),
-        )
-        if resumable:
-            return ResumableDataLoader(dataset, progress=self._train_progress, **kwargs)
-        return DataLoader(dataset, **kwargs)
-
-    def _train_progress(self) -> tuple[int, int, int]:
-        """``(epoch, training batches done in it, batches per epoch)`` of the attached trainer
-        (saved in checkpoints by :class:`~hetero.data.loader.ResumableDataLoader`)."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return int(trainer.current_epoch), int(done), int(trainer.num_training_batches)
-
-    def make_train_batch_sampler(self, rank: int = 0, world_size: int = 1):
-        """The training batch sampler for one rank (``data.sampler``, seeded by ``sampler_seed``)."""
-        self._require_setup()
-        if self.sampler == "healpix":
-            return HealpixBatchSampler(
-                self.train_dataset.pose_classes, self.batch_size, world_size, rank,
-                seed=self.sampler_seed,
-            )
-        if self.sampler == "sequential":  # exactly once per epoch, no padding (EM models)
-            return SequentialShardBatchSampler(len(self.train_dataset), self.batch_size, world_size, rank)
-        return RandomBatchSampler(
-            len(self.train_dataset), self.batch_size, world_size, rank, seed=self.sampler_seed
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of training particles for this rank (``set_epoch`` via Lightning)."""
-        self._require_setup()
-        rank, world = self._rank_world()
-        if world > 1 and getattr(
-            getattr(self.trainer, "_accelerator_connector", None), "use_distributed_sampler", False
-        ):
-            raise InputError(
-                "ParticleDataModule shards batches itself: build the Trainer with "
-                "use_distributed_sampler=False"
-            )
-        return self._loader(
-            self.train_dataset, self.make_train_batch_sampler(rank, world), resumable=True
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation particles in index order, one contiguous shard per rank."""
-        self._require_setup()
-        rank, world = self._rank_world()
-        sampler = SequentialShardBatchSampler(len(self.val_dataset), self.val_batch_size, world, rank)
-        return self._loader(self.val_dataset, sampler)
-
-    @property
-    def predict_dataset(self) -> ParticleDataset:
-        """All particles in input order (built on first use)."""
-        self._require_setup()
-        if self._predict_dataset is None:
-            self._predict_dataset = self._dataset(None)
-        return self._predict_dataset
-
-    @property
-    def original_size_dataset(self) -> ParticleDataset:
-        """All particles in input order at the *original* box and pixel size (no Fourier crop;
-        same normalisation and contrast as training), for reconstructions at full resolution.
-        Lazy like every dataset: nothing is read into memory."""
-        self._require_setup()
-        if self._original_dataset is None:
-            self._original_dataset = ParticleDataset(
-                self.table, box_size=None, invert_contrast=self.invert_contrast,
-                scale=self.norm_scale, mean=self.norm_mean, healpix_nside=self.healpix_nside,
-            )
-        return self._original_dataset
-
-    def predict_dataloader(
-        self, shard: bool | None = None, original_size: bool = False, batches=None
-    ) -> DataLoader:
-        """ALL particles in input order (``batch["index"]`` = table row), contiguous batches.
-
-        :param shard: split the particles into one contiguous shard per DDP rank. Default:
-            only while the attached trainer is running ``trainer.predict`` (Lightning gathers
-            per rank); a direct call (e.g. a rank-0 encoding pass after ``fit``) gets all
-            particles.
-        :param original_size: images at the original box and pixel size
-            (:attr:`original_size_dataset`; ``apix``/``origin_px`` follow) instead of the
-            training box.
-        :param batches: a sequence of index arrays (table rows) to load as batches, in that
-            order, instead of the contiguous ones (``shard`` is then ignored: the caller chooses).
-        """
-        dataset = self.original_size_dataset if original_size else self.predict_dataset
-        if batches is not None:
-            return self._loader(dataset, [np.asarray(b, dtype=np.int64) for b in batches])
-        if shard is None:
-            shard = self.trainer is not None and bool(getattr(self.trainer, "predicting", False))
-        rank, world = self._rank_world() if shard else (0, 1)
-        sampler = SequentialShardBatchSampler(len(dataset), self.val_batch_size, world, rank)
-        return self._loader(dataset, sampler)
-
-    # -- state (checkpoint) -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Split, half sets and normalisation (tensors and plain numbers: safe for
-        ``torch.load(weights_only=True)``)."""
-        if self.table is None:
-            return {}
-        return {
-            "n_particles": len(self.table),
-            "fingerprint": _fingerprint(self.table),
-            "train_indices": torch.from_numpy(self.train_indices.copy()),
-            "val_indices": torch.from_numpy(self.val_indices.copy()),
-            "half_sets": torch.from_numpy(np.asarray(self.table.half_set, np.int8).copy()),
-            "half_sets_source": self.half_sets_source,
-            "norm_mean": self.norm_mean,
-            "norm_scale": self.norm_scale,
-            "box_size": int(self.box_size or self.table.box_size),
-            "invert_contrast": self.invert_contrast,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the split and normalisation of a checkpoint (before or after ``setup``)."""
-        if not state_dict:
-            return
-        if self.table is None:
-            self._pending_state = dict(state_dict)
-            return
-        self._apply_state(state_dict)
-        self._build_datasets()
-
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        n = len(self.table)
-        if int(state["n_particles"]) != n:
-            raise InputError(
-                f"checkpoint data state is for {int(state['n_particles'])} particles but "
-                f"{self.particles_path or self.table.source} has {n}: resume with the same input"
-            )
-        box = int(self.box_size or self.table.box_size)
-        if int(state.get("box_size", box)) != box:
-            raise InputError(
-                f"checkpoint was trained at box {int(state['box_size'])} px but data.box_size "
-                f"gives {box} px: resume with the same data.box_size"
-            )
-        self.train_indices = _as_numpy(state["train_indices"])
-        self.val_indices = _as_numpy(state["val_indices"])
-        self.table.half_set = _as_numpy(state["half_sets"]).astype(np.int8)
-        self.half_sets_source = str(state.get("half_sets_source", self.half_sets_source))
-        self.norm_mean = float(state["norm_mean"])
-        self.norm_scale = float(state["norm_scale"])
-        if isinstance(state.get("invert_contrast"), bool):
-            self.invert_contrast = state["invert_contrast"]
-
     def describe_particles(self, indices, limit: int = 8) -> str:
         """Particles ``indices`` (rows of :attr:`table`, e.g. ``batch["index"]``) as the user
         knows them: 1-based rows of the input file and ``image@stack``."""
-        idx = np.asarray(_as_numpy(indices), dtype=np.int64).reshape(-1)
+        idx = np.asarray(as_numpy(indices), dtype=np.int64).reshape(-1)
         if self.table is None or idx.size == 0:
             return f"particles {idx.tolist()}"
         rows = self.table.extra.get("input_rows")
@@ -507,159 +343,10 @@ class ParticleDataModule(L.LightningDataModule):
         self.truth_dir = getattr(self.particles, "truth_dir", self.truth_dir)
         return str(path)
 
-    def _require_setup(self) -> None:
-        if self.table is None:
-            raise RuntimeError("ParticleDataModule: call setup() first")
-
     @staticmethod
     def _mode(values: np.ndarray) -> float:
         uniq, counts = np.unique(np.asarray(values, dtype=np.float64), return_counts=True)
         return float(uniq[np.argmax(counts)])
-
-    def _dataset(self, indices: np.ndarray | None) -> ParticleDataset:
-        return ParticleDataset(
-            self.table, box_size=self.box_size, indices=indices,
-            invert_contrast=self.invert_contrast, scale=self.norm_scale, mean=self.norm_mean,
-            healpix_nside=self.healpix_nside,
-        )
-
-    def _build_datasets(self) -> None:
-        self.train_dataset = self._dataset(self.train_indices)
-        self.val_dataset = self._dataset(self.val_indices)
-        self._predict_dataset = None
-        self._original_dataset = None
-
-    def _make_split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n_val = int(round(self.val_fraction * n))
-        n_val = min(n_val, n - 1)
-        perm = np.random.default_rng(self.split_seed).permutation(n)
-        return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
-
-    def _make_half_sets(self, table: ParticleTable) -> tuple[np.ndarray, str]:
-        if table.half_set is not None:
-            return np.asarray(table.half_set, dtype=np.int8), "input"
-        n = len(table)
-        perm = np.random.default_rng(self.half_sets_seed).permutation(n)
-        halves = np.zeros(n, dtype=np.int8)
-        halves[perm[n // 2 :]] = 1
-        return halves, "random"
-
-    def _check_contrast(self, path: str) -> bool:
-        """``invert_contrast="auto"``: measure the contrast sign (module :mod:`hetero.data.contrast`)."""
-        from hetero.data.contrast import measure_contrast
-
-        if self.table.rotations is None:
-            log.warning(
-                f"{path}: data.invert_contrast=auto needs poses to check the contrast; keeping "
-                "the stored contrast (pass data.invert_contrast=true|false to state it)"
-            )
-            return False
-        probe = ParticleDataset(
-            self.table, box_size=self.box_size, indices=self.train_indices, scale=self.norm_scale
-        )
-        check = measure_contrast(probe, seed=self.split_seed)
-        self.contrast_check = check
-        log.info(f"{path}: {check.describe()}")
-        if check.invert is None:
-            raise InputError(
-                f"{path}: data.invert_contrast=auto could not tell whether the protein is white "
-                f"or black ({check.describe()}); pass data.invert_contrast=false (white density, "
-                "RELION's convention) or data.invert_contrast=true (black density)"
-            )
-        if check.invert:
-            log.warning(f"{path}: the particles have black density; inverting them (white density)")
-        return bool(check.invert)
-
-    def _estimate_norm(self) -> tuple[float, float]:
-        if not self.normalize:
-            return 0.0, 1.0
-        probe = ParticleDataset(self.table, box_size=self.box_size, indices=self.train_indices)
-        _, std = estimate_normalization(probe, self.norm_sample_size, seed=self.split_seed)
-        if not std > 0:
-            raise InputError(
-                f"{self.particles_path}: the sampled images are constant (std 0); cannot "
-                "normalise them (are the stacks empty?)"
-            )
-        return 0.0, 1.0 / std
-
-    def _load_split_file(self, table: ParticleTable) -> dict | None:
-        if not self.split_file or not Path(self.split_file).is_file():
-            return None
-        with np.load(self.split_file, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-        n = len(table)
-        saved_n = int(data["n_particles"])
-        if saved_n != n:
-            raise InputError(
-                f"split file {self.split_file} was made for {saved_n} particles but "
-                f"{table.source or 'the input'} has {n}; delete it or set data.split_file to a "
-                "new path"
-            )
-        if "fingerprint" in data and int(data["fingerprint"]) != _fingerprint(table):
-            raise InputError(
-                f"split file {self.split_file} was made for a different particle list "
-                f"(same count {n}, different image indices); delete it or set data.split_file"
-            )
-        train = data["train_indices"].astype(np.int64)
-        val = data["val_indices"].astype(np.int64)
-        both = np.concatenate([train, val])
-        if both.size != n or np.unique(both).size != n or both.min() < 0 or both.max() >= n:
-            raise InputError(
-                f"split file {self.split_file} is inconsistent: train+val must cover each of the "
-                f"{n} particles exactly once"
-            )
-        if abs(float(data.get("val_fraction", self.val_fraction)) - self.val_fraction) > 1e-12:
-            log.warning(
-                f"split file {self.split_file} was made with val_fraction="
-                f"{float(data['val_fraction'])}; reusing it (data.val_fraction={self.val_fraction} "
-                "ignored)"
-            )
-        box = int(self.box_size or table.box_size)
-        norm = None
-        if (
-            "norm_scale" in data
-            and int(data.get("norm_box_size", -1)) == box
-            and bool(data.get("normalize", self.normalize)) == self.normalize
-        ):
-            norm = (float(data["norm_mean"]), float(data["norm_scale"]))
-        log.info(f"Reusing the train/val split and half sets of {self.split_file}")
-        invert = bool(data["invert_contrast"]) if "invert_contrast" in data else None
-        return {
-            "invert_contrast": invert,
-            "train": train,
-            "val": val,
-            "halves": data["half_sets"].astype(np.int8),
-            "source": str(data.get("half_sets_source", "input")),
-            "norm": norm,
-        }
-
-    def _save_split_file(self) -> None:
-        if not self.split_file:
-            return
-        arrays = {
-            "n_particles": np.int64(len(self.table)),
-            "fingerprint": np.int64(_fingerprint(self.table)),
-            "train_indices": self.train_indices,
-            "val_indices": self.val_indices,
-            "half_sets": np.asarray(self.table.half_set, np.int8),
-            "half_sets_source": np.str_(self.half_sets_source),
-            "val_fraction": np.float64(self.val_fraction),
-            "split_seed": np.int64(self.split_seed),
-            "half_sets_seed": np.int64(self.half_sets_seed),
-            "normalize": np.bool_(self.normalize),
-            "norm_mean": np.float64(self.norm_mean),
-            "norm_scale": np.float64(self.norm_scale),
-            "norm_box_size": np.int64(self.box_size or self.table.box_size),
-            "source": np.str_(self.particles_path or ""),
-        }
-        if isinstance(self.invert_contrast, bool):
-            arrays["invert_contrast"] = np.bool_(self.invert_contrast)
-
-        def write(p: Path) -> None:
-            with open(p, "wb") as fh:
-                np.savez(fh, **arrays)
-
-        atomic_write(self.split_file, write)
 
 
 def _contrast_option(value: Any) -> bool | str:
@@ -672,12 +359,11 @@ def _contrast_option(value: Any) -> bool | str:
     raise InputError(f"data.invert_contrast={value!r}; expected true, false or auto")
 
 
-def _fingerprint(table: ParticleTable) -> int:
-    """CRC32 of the image indices: tells particle lists of equal length apart."""
-    return zlib.crc32(np.ascontiguousarray(table.image_indices, dtype=np.int64).tobytes())
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+def _check_options(sampler: str, val_fraction: float, batch_size: int) -> None:
+    """Refuse a ``data.sampler``, ``data.val_fraction`` or ``data.batch_size`` out of range."""
+    if sampler not in SAMPLERS:
+        raise InputError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise InputError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if int(batch_size) < 1:
+        raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
