@@ -115,6 +115,37 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
         value is malformed.
     """
     path = Path(path)
+    data = _load_records(path)
+    image_paths, idx = _stacks(path, data, datadir)
+    box, apix = _box_and_pixel_size(path, data)
+    rotations, origins = _poses(path, data, apix)
+    ctf = _ctf(path, data)
+    half = _half_sets(path, data)
+
+    names = data.dtype.names
+    warn_unmodelled_cs_fields(path, {f: data[f] for f in names if f.startswith("ctf/")})
+    extra: dict = {"format": "cryosparc"}
+    image_sign = _image_sign(path, _field(data, "blob/sign"))
+    if image_sign is not None:
+        extra["blob_sign"] = image_sign
+    return ParticleTable(
+        image_paths=image_paths,
+        image_indices=idx,
+        box_size=box,
+        pixel_size_angstrom=apix,
+        rotations=rotations,
+        origins_px=origins,
+        ctf=ctf,
+        half_set=half,
+        image_sign=image_sign,
+        source=str(path),
+        extra=extra,
+    )
+
+
+def _load_records(path: Path) -> np.ndarray:
+    """The particle records of ``path`` (1-D structured array with ``blob/path`` and
+    ``blob/idx``, at least one row)."""
     if not path.is_file():
         raise MissingFileError(f"{path}: cryoSPARC .cs file does not exist")
     try:
@@ -131,11 +162,16 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
     missing = [f for f in ("blob/path", "blob/idx") if f not in names]
     if missing:
         raise InputError(f"{path}: missing field(s) {', '.join(missing)}; fields found: {found}")
-    n = len(data)
-    if n == 0:
+    if len(data) == 0:
         raise InputError(f"{path}: contains no particles")
+    return data
 
-    # Stacks and image indices.
+
+def _stacks(
+    path: Path, data: np.ndarray, datadir: str | Path | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_paths, image_indices)``: ``blob/path`` resolved (matches logged) and
+    ``blob/idx`` (0-based)."""
     raw_paths = data["blob/path"]
     stack_names = np.array(
         [(p.decode() if isinstance(p, bytes) else str(p)).strip().lstrip(">") for p in raw_paths],
@@ -152,8 +188,14 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
     idx = data["blob/idx"].astype(np.int64)
     if (idx < 0).any():
         raise InputError(f"{path}: blob/idx of row {int(np.argmax(idx < 0))} is negative")
+    return image_paths, idx
 
-    # Box and pixel size.
+
+def _box_and_pixel_size(path: Path, data: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(box, apix)``: the one square box size (``blob/shape``, px) and the per-particle pixel
+    size (``blob/psize_A``, Å)."""
+    n = len(data)
+    found = ", ".join(data.dtype.names)
     shape = _field(data, "blob/shape")
     if shape is None:
         raise InputError(f"{path}: missing field blob/shape (image size); fields found: {found}")
@@ -176,8 +218,15 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
     apix = _finite(path, "blob/psize_A", psize, decimal=True)
     if (apix <= 0).any():
         raise InputError(f"{path}: blob/psize_A of row {int(np.argmax(apix <= 0))} is not > 0")
+    return box, apix
 
-    # Poses.
+
+def _poses(
+    path: Path, data: np.ndarray, apix: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(rotations, origins_px)``: RELION's ``A = expm([w]_x).T`` of ``alignments3D/pose``
+    (``None`` when absent) and ``alignments3D/shift`` in blob pixels (zeros when absent)."""
+    n = len(data)
     rotations = None
     origins = np.zeros((n, 2))
     pose = _field(data, "alignments3D/pose")
@@ -204,8 +253,14 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
                     "blob pixels"
                 )
                 origins = origins * ratio[:, None]
+    return rotations, origins
 
-    # CTF.
+
+def _ctf(path: Path, data: np.ndarray) -> np.ndarray | None:
+    """The ``(n, 9)`` CTF table of the ``ctf/*`` fields (``None`` when there are none); angles in
+    degrees, ``alignments3D/alpha`` folded into the scale."""
+    names = data.dtype.names
+    n = len(data)
     ctf = None
     ctf_fields = [f for f in names if f.startswith("ctf/")]
     if ctf_fields:
@@ -238,7 +293,11 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
             ],
             axis=1,
         )
+    return ctf
 
+
+def _half_sets(path: Path, data: np.ndarray) -> np.ndarray | None:
+    """``alignments3D/split`` (0/1) as ``int8`` half sets; ``None`` when absent."""
     half = None
     split = _field(data, "alignments3D/split")
     if split is not None:
@@ -250,25 +309,7 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> ParticleTabl
                 f"{path}: alignments3D/split of row {i} is {split[i]}; expected 0 or 1"
             )
         half = split.astype(np.int8)
-
-    warn_unmodelled_cs_fields(path, {f: data[f] for f in names if f.startswith("ctf/")})
-    extra: dict = {"format": "cryosparc"}
-    image_sign = _image_sign(path, _field(data, "blob/sign"))
-    if image_sign is not None:
-        extra["blob_sign"] = image_sign
-    return ParticleTable(
-        image_paths=image_paths,
-        image_indices=idx,
-        box_size=box,
-        pixel_size_angstrom=apix,
-        rotations=rotations,
-        origins_px=origins,
-        ctf=ctf,
-        half_set=half,
-        image_sign=image_sign,
-        source=str(path),
-        extra=extra,
-    )
+    return half
 
 
 def _image_sign(path: Path, sign: np.ndarray | None) -> np.ndarray | None:
