@@ -44,6 +44,9 @@ Files in :attr:`SyntheticDataset.truth_dir` (``<cache_dir>/<name>/``):
                     generator version)
 =================== ==========================================================================
 
+The drawing, rendering and writing are in :mod:`hetero.data.synthetic.generation`,
+:func:`load_truth` in :mod:`hetero.data.synthetic.truth`.
+
 Example usage::
 
     ds = SyntheticDataset(kind="discrete", n_particles=5000, seed=0)
@@ -56,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -66,16 +68,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetero.data.particles import ParticleTable
 from hetero.data.synthetic.molecule import (
     PseudoAtomMolecule,
     default_atom_sigma,
     project_atoms,
-    rasterize,
 )
+from hetero.data.synthetic.truth import load_truth
 from hetero.physics.ctf import compute_ctf
 from hetero.physics.fourier import fft2_centered, ifft2_centered
-from hetero.physics.rotations import random_rotations
 
 # Plain logging: generating data must not import Lightning (RankedLogger does, lazily).
 log = logging.getLogger(__name__)
@@ -313,34 +313,6 @@ class SyntheticDataset:
         info = [{"state": i, "t": float(t), "arm_deg": float(t * self.hinge_range_deg)} for i, t in enumerate(t_grid)]
         return coords, np.ones(coords.shape[:2]), info, t_grid
 
-    def _draw(self) -> dict:
-        """All per-particle random parameters (independent seeded streams)."""
-        n, k = self.n_particles, self.n_states
-        streams = np.random.SeedSequence([self.seed, 0x53594E]).spawn(6)
-        rng_state, rng_pose, rng_ctf, rng_shift, rng_half, rng_noise = (np.random.default_rng(s) for s in streams)
-        out: dict = {}
-        if self.kind == "continuous":
-            t = rng_state.uniform(0.0, 1.0, n)
-            out["t"] = t
-            out["labels"] = np.minimum((t * k).astype(np.int64), k - 1)
-        else:
-            out["labels"] = rng_state.permutation(np.arange(n) % k).astype(np.int64)
-        gen = torch.Generator().manual_seed(int(rng_pose.integers(2**62)))
-        out["rotations"] = random_rotations(n, generator=gen, dtype=torch.float64).numpy()
-        mean_df = rng_ctf.uniform(self.defocus_min_angstrom, self.defocus_max_angstrom, n)
-        astig = rng_ctf.uniform(0.0, self.astigmatism_max_angstrom, n)
-        out["defocus_u_angstrom"] = mean_df + astig / 2
-        out["defocus_v_angstrom"] = mean_df - astig / 2
-        out["defocus_angle_deg"] = rng_ctf.uniform(0.0, 180.0, n)
-        out["b_factor"] = rng_ctf.uniform(self.b_factor_min, self.b_factor_max, n)
-        out["shifts_px"] = rng_shift.normal(0.0, self.shift_sigma_px, (n, 2))
-        out["origins_px"] = -out["shifts_px"]
-        half = np.zeros(n, dtype=np.int8)
-        half[rng_half.permutation(n)[n // 2 :]] = 1
-        out["half_set"] = half
-        out["_rng_noise"] = rng_noise
-        return out
-
     def _check_fit(self, coords: np.ndarray) -> None:
         radius = float(np.linalg.norm(coords, axis=-1).max()) + 2 * self.atom_sigma_angstrom
         half_box = self.box_size // 2 * self.pixel_size_angstrom
@@ -396,119 +368,13 @@ class SyntheticDataset:
 
     def generate(self, folder: str | Path) -> None:
         """Write the dataset into ``folder`` (which must exist); see the module docstring."""
-        from hetero.data.io.mrc import write_stack, write_volume
-        from hetero.data.io.star import write_star
+        from hetero.data.synthetic.generation import write_dataset
 
-        folder = Path(folder)
-        n, d, apix = self.n_particles, self.box_size, self.pixel_size_angstrom
         mol = PseudoAtomMolecule(self.molecule_seed)
-        coords, weights, info, t_grid = self.states(mol)
+        states = self.states(mol)
+        coords = states[0]
         self._check_fit(coords if self.kind != "continuous" else mol.hinge_coords(np.linspace(0, 1, 9), self.hinge_range_deg))
-        truth = self._draw()
-        rng_noise = truth.pop("_rng_noise")
-
-        # Pass 1: clean images and their statistics (pooled variance -> noise level).
-        images = np.empty((n, d, d), dtype=np.float32)
-        stats = np.zeros((n, 5))  # sum, sum of squares (box); sum, sum of squares, count (footprint)
-        with torch.inference_mode():
-            for start in range(0, n, self.chunk_size):
-                idx = np.arange(start, min(n, start + self.chunk_size))
-                clean, foot = self.clean_images(truth, idx, mol)
-                c64, f64 = clean.double(), foot.double()
-                stats[idx, 0] = c64.sum((-2, -1)).numpy()
-                stats[idx, 1] = (c64 * c64).sum((-2, -1)).numpy()
-                stats[idx, 2] = (c64 * f64).sum((-2, -1)).numpy()
-                stats[idx, 3] = (c64 * c64 * f64).sum((-2, -1)).numpy()
-                stats[idx, 4] = f64.sum((-2, -1)).numpy()
-                images[idx] = clean.numpy()
-        npix = n * d * d
-        var_box = stats[:, 1].sum() / npix - (stats[:, 0].sum() / npix) ** 2
-        count = stats[:, 4].sum()
-        var_mask = stats[:, 3].sum() / count - (stats[:, 2].sum() / count) ** 2
-        if self.snr is None:
-            sigma, scale, noise_sigma = math.sqrt(var_box), 1.0 / math.sqrt(var_box), 0.0
-        else:
-            sigma = math.sqrt(var_box / self.snr)
-            scale, noise_sigma = 1.0 / sigma, 1.0
-
-        # Pass 2: scale to unit noise and add white noise (one sequential stream: chunk-free).
-        for start in range(0, n, self.chunk_size):
-            stop = min(n, start + self.chunk_size)
-            images[start:stop] *= np.float32(scale)
-            if noise_sigma:
-                images[start:stop] += rng_noise.standard_normal((stop - start, d, d), dtype=np.float32)
-
-        per_var = (stats[:, 1] / (d * d) - (stats[:, 0] / (d * d)) ** 2) * scale**2
-        cnt = np.maximum(stats[:, 4], 1)
-        per_var_mask = (stats[:, 3] / cnt - (stats[:, 2] / cnt) ** 2) * scale**2
-        snr_box = var_box / sigma**2 if noise_sigma else math.inf
-        snr_masked = var_mask / sigma**2 if noise_sigma else math.inf
-        truth.update(
-            signal_var=per_var, signal_var_masked=per_var_mask, mask_fraction=stats[:, 4] / (d * d),
-            noise_sigma=np.float64(noise_sigma), image_scale=np.float64(scale),
-            snr_box=np.float64(snr_box), snr_masked=np.float64(snr_masked),
-            pixel_size_angstrom=np.float64(apix), box_size=np.int64(d),
-        )
-        if t_grid is not None:
-            truth["t_grid"] = t_grid
-
-        # Files: stack, star, volumes, truth (truth.json last: it marks a complete folder).
-        stack = (folder / STACK_NAME).resolve()
-        write_stack(stack, images, apix)
-        del images
-        ctf = np.zeros((n, 9))
-        ctf[:, 0] = truth["defocus_u_angstrom"]
-        ctf[:, 1] = truth["defocus_v_angstrom"]
-        ctf[:, 2] = truth["defocus_angle_deg"]
-        ctf[:, 3], ctf[:, 4], ctf[:, 5] = self.voltage_kv, self.spherical_aberration_mm, self.amplitude_contrast
-        ctf[:, 8] = 1.0  # phase shift 0, B-factor 0 (the envelope is not given away), scale 1
-        table = ParticleTable(
-            image_paths=np.full(n, str(stack), dtype=object),
-            image_indices=np.arange(n),
-            box_size=d,
-            pixel_size_angstrom=np.full(n, apix),
-            rotations=truth["rotations"],
-            origins_px=truth["origins_px"],
-            ctf=ctf,
-            half_set=truth["half_set"],
-            source=f"synthetic {self.kind} dataset",
-        )
-        write_star(folder / STAR_NAME, table)
-        counts = np.bincount(truth["labels"], minlength=self.n_states)
-        for k in range(self.n_states):
-            vol = rasterize(coords[k], d, apix, self.atom_sigma_angstrom, weights[k])
-            write_volume(folder / f"state_{k:02d}.mrc", vol.numpy(), apix)
-            info[k].update(count=int(counts[k]), volume=f"state_{k:02d}.mrc")
-        np.savez(folder / "truth.npz", **truth)
-        summary = {
-            "kind": self.kind,
-            "n_particles": n,
-            "box_size": d,
-            "pixel_size_angstrom": apix,
-            "n_states": self.n_states,
-            "snr_target": self.snr,
-            "snr_box": _finite_or_none(snr_box),
-            "snr_masked": _finite_or_none(snr_masked),
-            "mask_fraction_mean": float(stats[:, 4].mean() / (d * d)),
-            "noise_sigma": noise_sigma,
-            "image_scale": scale,
-            "n_atoms": int(mol.n_atoms),
-            "states": info,
-            "counts": counts.tolist(),
-            "t_grid": None if t_grid is None else t_grid.tolist(),
-            "files": {"star": STAR_NAME, "stack": STACK_NAME, "truth": "truth.npz"},
-            "snr_definitions": {
-                "snr_box": "pooled variance of the noiseless CTF-modulated images over the whole "
-                "box and all particles / noise variance",
-                "snr_masked": "the same over the particle footprint (CTF-free projection > "
-                f"{MASK_THRESHOLD} x its maximum) / noise variance",
-            },
-            "image_model": "image = image_scale * translate(CTF(incl. B envelope) * project(state "
-            "volume), -origin) + N(0, noise_sigma^2)",
-            "generator_version": GENERATOR_VERSION,
-            "params": self.params,
-        }
-        (folder / "truth.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_dataset(self, Path(folder), mol, states)
 
 
 def _apply_umask(folder: Path) -> None:
@@ -518,41 +384,3 @@ def _apply_umask(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
     for f in folder.iterdir():
         os.chmod(f, 0o666 & ~mask)
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def load_truth(truth_dir: str | Path) -> dict:
-    """Ground truth of a synthetic dataset, for analysis code.
-
-    :param truth_dir: the dataset folder (or any file inside it, e.g. the ``.star``).
-    :return: dict with ``kind``, ``labels`` ``(N,)`` int64, ``t`` ``(N,)`` (continuous; else
-        ``None``), ``t_grid`` ``(K,)`` (continuous; else ``None``), ``volumes`` ``(K, D, D, D)``
-        float32 numpy, ``apix``, ``box_size``, ``snr_box``, ``snr_masked``, ``states``,
-        ``counts``, ``summary`` (``truth.json``) and every array of ``truth.npz``.
-    """
-    from hetero.data.io.mrc import read_volume
-
-    folder = Path(truth_dir)
-    if folder.is_file():
-        folder = folder.parent
-    summary = json.loads((folder / "truth.json").read_text())
-    with np.load(folder / "truth.npz") as npz:
-        out = {key: npz[key] for key in npz.files}
-    volumes = [read_volume(folder / s["volume"])[0] for s in summary["states"]]
-    out.update(
-        kind=summary["kind"],
-        t=out.get("t"),
-        t_grid=out.get("t_grid"),
-        volumes=np.stack(volumes).astype(np.float32),
-        apix=float(summary["pixel_size_angstrom"]),
-        box_size=int(summary["box_size"]),
-        snr_box=summary["snr_box"],
-        snr_masked=summary["snr_masked"],
-        states=summary["states"],
-        counts=summary["counts"],
-        summary=summary,
-    )
-    return out
