@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 
 from hetero.data.io._paths import default_bases, describe_matches, resolve_column
 from hetero.data.io.errors import InputError, MissingFileError
 from hetero.data.io.mrc import ImageStack
-from hetero.data.io.star_check import check_loop_rows
+from hetero.data.io.star_blocks import STRING_COLUMNS as STRING_COLUMNS
+from hetero.data.io.star_blocks import ParsedStar, load_blocks
 from hetero.data.io.star_optics import warn_unmodelled_optics
 from hetero.data.particles import ParticleTable
 from hetero.physics.rotations import euler_to_matrix
@@ -39,17 +39,6 @@ from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
-#: Columns read as text (never converted to numbers by the STAR parser).
-STRING_COLUMNS = [
-    "rlnImageName",
-    "rlnMicrographName",
-    "rlnOpticsGroupName",
-    "rlnImageOriginalName",
-    "rlnReferenceImage",
-    "rlnGroupName",
-    "rlnMicrographMovieName",
-    "rlnCtfImage",
-]
 #: Per-particle columns that only make sense with a defocus.
 _CTF_PARTICLE_COLUMNS = (
     "rlnDefocusV",
@@ -74,138 +63,7 @@ _ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 
 
 # -- reading -------------------------------------------------------------------------------------
-def _line_of_row(path: Path, block: str, row: int) -> int | None:
-    """1-based line number of data row ``row`` (0-based) of loop ``data_<block>``, if found."""
-    try:
-        with open(path, errors="replace") as fh:
-            in_block = in_loop = False
-            seen = -1
-            for lineno, line in enumerate(fh, 1):
-                s = line.strip()
-                if s.startswith("data_"):
-                    in_block, in_loop = s == f"data_{block}", False
-                    continue
-                if not in_block:
-                    continue
-                if s.startswith("loop_"):
-                    in_loop = True
-                    continue
-                if not in_loop or not s or s.startswith(("#", "_")):
-                    continue
-                seen += 1
-                if seen == row:
-                    return lineno
-    except OSError:
-        return None
-    return None
-
-
-class _Star:
-    """One parsed STAR file: the particle block, the optics block and helpers for errors."""
-
-    def __init__(
-        self, path: Path, particles: pd.DataFrame, block: str, optics: pd.DataFrame | None
-    ):
-        self.path = path
-        self.df = particles
-        self.block = block
-        self.optics = optics
-        self.n = len(particles)
-        self.group_rows: np.ndarray | None = None  # per particle: row of its optics group
-
-    def where(self, block: str, row: int) -> str:
-        line = _line_of_row(self.path, block, row)
-        at = f", line {line}" if line is not None else ""
-        return f"{self.path}{at} (data_{block} row {row + 1})"
-
-    def numeric(self, frame: pd.DataFrame, block: str, column: str) -> np.ndarray:
-        """``frame[column]`` as float64; non-numbers and NaN/inf raise naming line and value."""
-        raw = frame[column]
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise InputError(
-                f"{self.where(block, i)}: column {column} holds {raw.iloc[i]!r}; expected a "
-                "finite number"
-            )
-        return values
-
-    def has(self, column: str) -> bool:
-        return column in self.df.columns or (
-            self.optics is not None and column in self.optics.columns
-        )
-
-    def per_particle(self, column: str) -> np.ndarray | None:
-        """``column`` per particle from the particle block, else from its optics group."""
-        if column in self.df.columns:
-            return self.numeric(self.df, self.block, column)
-        if self.optics is not None and column in self.optics.columns:
-            values = self.numeric(self.optics, "optics", column)
-            return values[self.group_rows]
-        return None
-
-    def require(self, column: str, why: str) -> np.ndarray:
-        values = self.per_particle(column)
-        if values is None:
-            where = "data_optics or " if self.optics is not None else ""
-            raise InputError(
-                f"{self.path}: column {column} is missing from {where}data_{self.block} "
-                f"({why}); columns found: {', '.join(map(str, self.df.columns))}"
-            )
-        return values
-
-
-def _refuse_tomography(path: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """RELION 4/5 sub-tomogram particle files are not single-particle stars."""
-    tomo = sorted({str(c) for t in tables.values() for c in t.columns if str(c).startswith("rlnTomo")})
-    if tomo or "general" in tables and "rlnImageName" not in tables.get("particles", pd.DataFrame()):
-        shown = ", ".join(tomo[:4]) or "data_general"
-        raise InputError(
-            f"{path}: a RELION tomography (sub-tomogram) particle file ({shown}); sub-tomogram "
-            "data are not supported yet. hetero reads single-particle files: a .star with "
-            "rlnImageName = <index>@<stack.mrcs> (e.g. Refine3D/.../run_data.star), a cryoSPARC "
-            ".cs, or .mrcs stacks"
-        )
-
-
-def _load_blocks(path: Path) -> tuple[pd.DataFrame, str, pd.DataFrame | None]:
-    if not path.is_file():
-        raise MissingFileError(f"{path}: STAR file does not exist")
-    check_loop_rows(path)
-    try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
-    except Exception as err:  # the parser's own errors are not InputErrors
-        raise InputError(
-            f"{path}: could not be parsed as a STAR file ({type(err).__name__}: {err})"
-        ) from None
-    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
-    _refuse_tomography(path, tables)
-    optics = tables.get("optics")
-    if optics is not None and "particles" in tables and "rlnImageName" in tables["particles"]:
-        return tables["particles"], "particles", optics
-    with_names = [k for k, v in tables.items() if "rlnImageName" in v.columns]
-    if with_names:
-        block = "particles" if "particles" in with_names else with_names[0]
-        return tables[block], block, None
-    if "particles" in tables:
-        block = "particles"
-    elif len(tables) == 1:
-        block = next(iter(tables))
-    else:
-        found = ", ".join(f"data_{k}" for k in blocks) or "none"
-        raise InputError(
-            f"{path}: no particle block found (expected a loop with column rlnImageName, e.g. "
-            f"data_particles); blocks found: {found}"
-        )
-    columns = ", ".join(map(str, tables[block].columns))
-    raise InputError(
-        f"{path}: data_{block} has no column rlnImageName (expected 'index@stack.mrcs' image "
-        f"names); columns found: {columns}"
-    )
-
-
-def _split_names(star: _Star) -> tuple[np.ndarray, np.ndarray]:
+def _split_names(star: ParsedStar) -> tuple[np.ndarray, np.ndarray]:
     """``rlnImageName`` -> (0-based indices (N,), stack names (N,) object)."""
     names = star.df["rlnImageName"].astype(str).str.strip()
     parts = names.str.partition("@")
@@ -224,7 +82,7 @@ def _split_names(star: _Star) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64) - 1, stacks
 
 
-def _optics_groups(star: _Star) -> np.ndarray:
+def _optics_groups(star: ParsedStar) -> np.ndarray:
     """1-based optics group per particle; sets ``star.group_rows``."""
     optics = star.optics
     if optics is None:
@@ -261,7 +119,7 @@ def _optics_groups(star: _Star) -> np.ndarray:
     return groups
 
 
-def _pixel_size(star: _Star, fallback: float | None) -> np.ndarray:
+def _pixel_size(star: ParsedStar, fallback: float | None) -> np.ndarray:
     apix = star.per_particle("rlnImagePixelSize")
     if apix is None:
         apix = star.per_particle("rlnPixelSize")
@@ -294,7 +152,7 @@ def _pixel_size(star: _Star, fallback: float | None) -> np.ndarray:
     return apix
 
 
-def _pair(star: _Star, x: str, y: str) -> np.ndarray | None:
+def _pair(star: ParsedStar, x: str, y: str) -> np.ndarray | None:
     has_x, has_y = star.has(x), star.has(y)
     if has_x != has_y:
         missing = y if has_x else x
@@ -304,7 +162,7 @@ def _pair(star: _Star, x: str, y: str) -> np.ndarray | None:
     return np.stack([star.per_particle(x), star.per_particle(y)], axis=1)
 
 
-def _rotations(star: _Star) -> np.ndarray | None:
+def _rotations(star: ParsedStar) -> np.ndarray | None:
     present = [c for c in _ANGLE_COLUMNS if c in star.df.columns]
     if not present or present == ["rlnAnglePsi"]:
         return None  # no poses (a 2-D classification has only an in-plane angle)
@@ -327,7 +185,7 @@ ACQUISITION_OVERRIDES = {
 _TYPICAL = {"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
 
 
-def _acquisition(star: _Star, column: str, override: float | None) -> np.ndarray:
+def _acquisition(star: ParsedStar, column: str, override: float | None) -> np.ndarray:
     """``column`` per particle, or the user's ``override`` when the file lacks it."""
     key, unit = ACQUISITION_OVERRIDES[column]
     values = star.per_particle(column)
@@ -349,7 +207,7 @@ def _acquisition(star: _Star, column: str, override: float | None) -> np.ndarray
     return values
 
 
-def _ctf(star: _Star, overrides: dict[str, float | None]) -> np.ndarray | None:
+def _ctf(star: ParsedStar, overrides: dict[str, float | None]) -> np.ndarray | None:
     cols = star.df.columns
     if "rlnDefocusU" not in cols:
         extra = [c for c in _CTF_PARTICLE_COLUMNS if c in cols]
@@ -385,7 +243,7 @@ def _ctf(star: _Star, overrides: dict[str, float | None]) -> np.ndarray | None:
     )
 
 
-def _half_set(star: _Star) -> np.ndarray | None:
+def _half_set(star: ParsedStar) -> np.ndarray | None:
     if "rlnRandomSubset" not in star.df.columns:
         return None
     subset = star.numeric(star.df, star.block, "rlnRandomSubset")
@@ -398,7 +256,7 @@ def _half_set(star: _Star) -> np.ndarray | None:
     return (subset - 1).astype(np.int8)
 
 
-def _box_size(star: _Star, first_stack: str) -> int | None:
+def _box_size(star: ParsedStar, first_stack: str) -> int | None:
     """From ``rlnImageSize``, else from the first stack's header; ``None`` when neither exists
     (metadata-only reads work; :func:`~hetero.data.io.readers.read_particles` then needs the
     stacks and reads the box from them)."""
@@ -452,8 +310,8 @@ def read_star(
     :raises InputError: naming the file, line/row and column of what is missing or malformed.
     """
     path = Path(path)
-    particles, block, optics = _load_blocks(path)
-    star = _Star(path, particles, block, optics)
+    particles, block, optics = load_blocks(path)
+    star = ParsedStar(path, particles, block, optics)
     if star.n == 0:
         raise InputError(f"{path}: data_{block} contains no particles (the loop has no rows)")
     indices, names = _split_names(star)
@@ -493,8 +351,6 @@ def read_star(
         source=str(path),
         extra={"star_version": "3.1" if optics is not None else "3.0", "star_block": block},
     )
-
-
 
 
 from hetero.data.io.star_writer import write_star  # noqa: E402  (re-exported; writes STAR)
