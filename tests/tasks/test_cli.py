@@ -85,6 +85,10 @@ def test_prepare_train_argv(tmp_path, monkeypatch):
     assert prepare_train_argv([f"hydra.run.dir={run}"])[2] == "ckpt_path=auto"
     fresh = [f"hydra.run.dir={tmp_path}/new", "model=homogeneous"]
     assert prepare_train_argv(fresh) == fresh
+    # the run directory is named by hydra.run.dir only: one elsewhere could not be resumed
+    for elsewhere in (["paths.output_dir=/tmp/x"], ["-m", "paths.output_dir=/tmp/x", "seed=1,2"]):
+        with pytest.raises(ConfigError, match="name the run directory with hydra.run.dir"):
+            prepare_train_argv(elsewhere)
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child process: left alone
     assert prepare_train_argv(argv) == argv
 

@@ -336,10 +336,19 @@ def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> l
     """``train.py``'s command line with a resumed run's own overrides (module docstring).
 
     :return: the arguments to give Hydra (unchanged unless ``hydra.run.dir`` names a run).
-    :raises ConfigError: conflicting overrides, or a new run into an existing run directory.
+    :raises ConfigError: conflicting overrides, a new run into an existing run directory, or
+        ``paths.output_dir`` given (the run directory is ``hydra.run.dir``).
     """
-    if os.environ.get("LOCAL_RANK", "0") != "0" or any(a.startswith("-") for a in argv):
-        return argv  # DDP child processes, --multirun, --help, --cfg ... are left alone
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return argv  # DDP child processes are left alone
+    if any(_key(a) == "paths.output_dir" for a in argv):
+        raise ConfigError(
+            "paths.output_dir follows hydra.run.dir: name the run directory with "
+            "hydra.run.dir=<dir> (with -m: hydra.sweep.dir=<dir>) instead. A run written "
+            "elsewhere has no .hydra/ beside it, so it could not be resumed with its own "
+            "configuration, and a second run there would not be refused.")
+    if any(a.startswith("-") for a in argv):
+        return argv  # --multirun, --help, --cfg ... are left alone
     hydra_args = [a for a in argv if _key(a).startswith("hydra.")]
     run_dirs = [a.split("=", 1)[1] for a in hydra_args if _key(a) == "hydra.run.dir"]
     if not run_dirs:
