@@ -60,6 +60,8 @@ def test_calibration_equals_the_gradient_norm_ratio(norm, batch_size):
 def test_an_unknown_regularization_norm_is_refused():
     with pytest.raises(ConfigError, match="regularization_norm must be per_batch or accumulated"):
         small_model(loss={"regularization_norm": "mean"})
+    with pytest.raises(ConfigError, match="got null"):  # `loss.regularization_norm=null`
+        small_model(loss={"regularization_norm": None})
 
 
 def test_kl_weight_is_constant_or_ramps_from_zero_after_warm_up():

@@ -126,10 +126,12 @@ class DynaMight(HeteroModel):
         self.regularizer = terms.get("geometric") or GeometricRegularization()
         self.regularization_factor = float(terms.get("regularization_factor", 0.9))
         self.regularization_floor = float(terms.get("regularization_floor", 5e-4))
-        self.regularization_norm = str(terms.get("regularization_norm", "per_batch"))
-        if self.regularization_norm not in ("per_batch", "accumulated"):
+        norm = terms.get("regularization_norm", "per_batch")
+        if norm not in ("per_batch", "accumulated"):
+            shown = "null" if norm is None else repr(norm)
             raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
-                              f"{self.regularization_norm!r}")
+                              f"{shown}")
+        self.regularization_norm = str(norm)
         self.kl_beta = kl_weight(float(terms.get("kld_factor", 0.01)), d)
         warmup = terms.get("kld_warmup_epochs", 0)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
