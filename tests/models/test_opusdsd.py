@@ -25,6 +25,7 @@ from hetero.models.opusdsd.poses import HEALPIX_NSIDE16_DEG
 from hetero.physics.ctf import CTF_COLUMNS, ctf_table_compute
 from hetero.physics.projection import centered_grid_3d, project_real, render, rotate_volume
 from hetero.physics.rotations import geodesic_distance_deg, random_rotations, viewing_direction
+from hetero.utils.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 NARROW = dict(encoder_channels=[4, 8, 8], decoder_channels=[16, 8, 8, 4], fc_width=32, decoder_fc_width=32)
@@ -286,3 +287,29 @@ def test_model_config_instantiates():
     assert math.isclose(model.neighbour_spread_deg, 3.66)
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
+
+
+def test_encoder_log_sigma_is_bounded_so_its_exp_cannot_overflow():
+    """An encoder overfitted at lr 1e-3 gave log sigma 39 for a sharpened input (300 particles,
+    epoch 25 of `model=opusdsd_cpu`) and exp(2 x 39) overflowed the gradient: the default bound
+    keeps the step finite; unbounded (the paper's network) the same encoder gives a non-finite
+    loss. The bound leaves an encoder that stays below it unchanged."""
+    batch = next(iter(make_batches(8, 24, 8)))
+    for bound in (2.0, None):
+        torch.manual_seed(0)
+        model = tiny_model(encoder_logstd_max=bound)
+        healthy = model.encode(batch)["z_logstd"]
+        assert healthy.max() < 0.5  # far below the bound: the clamp does not act
+        with torch.no_grad():
+            model.encoder.logstd.bias.fill_(60.0)
+        out = model._training_losses(batch)
+        if bound is None:
+            assert not torch.isfinite(out["total"])
+            continue
+        assert torch.all(model.encode(batch)["z_logstd"] == bound)
+        assert torch.isfinite(out["total"])
+        out["total"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for bad in (math.inf, "abc", True):
+        with pytest.raises(ConfigError, match="model.encoder_logstd_max must be a finite number or null"):
+            tiny_model(encoder_logstd_max=bad)

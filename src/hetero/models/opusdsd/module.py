@@ -30,6 +30,7 @@ encoder/decoder convolutions follow ``trainer.precision`` (e.g. ``bf16-mixed``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,6 +52,7 @@ from hetero.models.opusdsd.poses import HEALPIX_NSIDE16_DEG, neighbour_rotations
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.fourier import fft2_centered, fourier_crop_2d, frequency_grid_2d, ifft2_centered
 from hetero.physics.masks import circular_mask
+from hetero.utils.errors import ConfigError
 
 TERM_NAMES = ("reconstruction", "kl", "disentanglement", "tv", "l1")
 
@@ -115,6 +117,10 @@ class OpusDSD(HeteroModel):
     :param snr_reset_each_epoch: reset the SNR estimate every epoch (reference).
     :param recon_mask_radius: score only pixels within this fraction of ``D / 2`` (``None``:
         the whole box).
+    :param encoder_logstd_max: upper bound on the encoder's ``log sigma`` (a clamp, hetero's
+        numerical guard: ``exp(2 log sigma)`` of an encoder overfitted at lr 1e-3 overflowed
+        the gradient); ``None``: unbounded (paper, reference). A posterior wider than the
+        ``N(0, 1)`` prior is never optimal; the demo run's largest value was 0.8.
     :param optimizer: partial optimiser. :param scheduler: partial LR scheduler.
     :param data_info: ``n_particles`` (required) and other plain geometry values.
     """
@@ -156,6 +162,7 @@ class OpusDSD(HeteroModel):
         snr_rate: float = 0.01,
         snr_reset_each_epoch: bool = False,
         recon_mask_radius: float | None = None,
+        encoder_logstd_max: float | None = 2.0,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         render_method: str = "fourier",
@@ -206,6 +213,11 @@ class OpusDSD(HeteroModel):
         self.update_bank_on_val = bool(update_bank_on_val)
         self.encoder_phase_flip = bool(encoder_phase_flip)
         self.snr_reset_each_epoch = bool(snr_reset_each_epoch)
+        bound = encoder_logstd_max
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
+                                  or not math.isfinite(bound)):
+            raise ConfigError(f"model.encoder_logstd_max must be a finite number or null, got {bound!r}")
+        self.encoder_logstd_max = None if bound is None else float(bound)
         sx, sy = frequency_grid_2d(self.box_size, 1.0)
         self.register_buffer("freq2", sx**2 + sy**2, persistent=False)
         mask = None if recon_mask_radius is None else circular_mask(self.box_size, recon_mask_radius * self.box_size / 2)
@@ -222,8 +234,8 @@ class OpusDSD(HeteroModel):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Posterior ``{"z_mu", "z_logstd"}`` ``(B, zdim)`` of un-augmented recentred images."""
         target = self.targets(batch)
-        mu, logstd = self.encoder(self._encoder_input(target, batch), batch["rotation"].float())
-        return {"z_mu": mu.float(), "z_logstd": logstd.float()}
+        mu, logstd = self._posterior(self._encoder_input(target, batch), batch["rotation"].float())
+        return {"z_mu": mu, "z_logstd": logstd}
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
@@ -277,6 +289,14 @@ class OpusDSD(HeteroModel):
         tgt = ifft2_centered(spec * env_t).real
         return self._encoder_image(enc), tgt
 
+    def _posterior(self, images: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+        """Float32 ``(mu, log sigma)`` ``(B, zdim)``, log sigma bounded by ``encoder_logstd_max``."""
+        mu, logstd = self.encoder(images, rotations)
+        mu, logstd = mu.float(), logstd.float()
+        if self.encoder_logstd_max is not None:
+            logstd = logstd.clamp(max=self.encoder_logstd_max)
+        return mu, logstd
+
     def _poses(self, rotations: Tensor) -> Tensor:
         return neighbour_rotations(
             rotations, self.n_neighbour_poses, self.neighbour_spread_deg, self.neighbour_mode,
@@ -322,8 +342,7 @@ class OpusDSD(HeteroModel):
             enc_image, rec_target = self._augment(target, self._phase_flip_sign(batch))
         else:
             enc_image, rec_target = self._encoder_input(target, batch), target
-        mu, logstd = self.encoder(enc_image, rotations)
-        mu, logstd = mu.float(), logstd.float()
+        mu, logstd = self._posterior(enc_image, rotations)
         z = mu + torch.randn_like(mu) * logstd.exp()
         volumes = self.decoder(z).float()
 
