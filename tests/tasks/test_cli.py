@@ -218,6 +218,31 @@ def test_resume_restores_values_whose_defaults_changed_since_the_run(tmp_path, m
         prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "data.batch_size=8"])
 
 
+def test_resume_names_options_added_since_the_run_and_lets_them_be_set(tmp_path, monkeypatch, capsys):
+    """A run made before model.encoder_logstd_max existed (trained unbounded) is told that the
+    option now defaults to 2.0 and may set it back to null; its other keys stay locked."""
+    from omegaconf import OmegaConf, open_dict
+
+    from hetero.tasks.cli import _compose, _flat
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    then = _compose(["model=opusdsd_cpu"])
+    with open_dict(then):
+        del then.model["encoder_logstd_max"]
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(then))
+    (run / ".hydra" / "overrides.yaml").write_text("- model=opusdsd_cpu\n")
+    prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last"])
+    assert "model.encoder_logstd_max = 2.0" in capsys.readouterr().err
+    argv = prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "model.encoder_logstd_max=null"])
+    assert _flat(_compose([a for a in argv if not a.startswith("hydra.")]))["model.encoder_logstd_max"] is None
+    with pytest.raises(ConfigError, match="model.zdim"):
+        prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "model.zdim=4"])
+    with pytest.raises(ConfigError, match="model.not_an_option"):  # a key no config has
+        prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "+model.not_an_option=1"])
+
+
 def test_an_input_error_inside_hydra_instantiate_prints_as_its_message(tmp_path, capsys, monkeypatch):
     from hydra.errors import InstantiationException
 

@@ -7,7 +7,9 @@ continue *that* run, whatever the defaults are today. Before Hydra composes anyt
 overrides) and runs Hydra with those plus the new ones. New overrides may change only what
 does not alter the model or data (:data:`RESUME_KEYS`: ``ckpt_path``, ``trainer.max_epochs``,
 loader workers, logging, the non-finite guard...); any other override that would change the
-run's configuration is refused, naming it. Without ``ckpt_path`` an existing run directory is
+run's configuration is refused, naming it. Options added to hetero since the run was made
+(in today's config, not in the run's) take today's defaults, listed when it resumes, and a
+resume may set them. Without ``ckpt_path`` an existing run directory is
 refused too (it would be overwritten by a new run), except when SLURM requeued the job
 (``SLURM_RESTART_COUNT`` > 0): then the run resumes from its last checkpoint by itself. A task
 that fingerprints its stages and recomputes only the stale ones (AlphaCryo4D) lists in its
@@ -272,7 +274,9 @@ def restore_changed_defaults(merged: list[str], saved_config: dict[str, object],
     ``.hydra/config.yaml``, flattened) where composing ``merged`` today gives other ones:
     defaults that changed since the run was made (e.g. a model's learning rate).
 
-    :return: ``(overrides, notes)``; each note names a key with today's and the run's value.
+    :return: ``(overrides, notes, new)``; each note names a key with today's and the run's
+        value; ``new`` lists ``key = value`` for keys added since the run was made (they take
+        today's defaults, and a resume may set them).
     """
     current = _flat(_compose(merged, conf_dir))
     fixes, notes = [], []
@@ -283,7 +287,9 @@ def restore_changed_defaults(merged: list[str], saved_config: dict[str, object],
             continue
         fixes.append(f"++{key}={_override_value(value)}")
         notes.append(f"{key}: {current[key]!r} -> {value!r}")
-    return fixes, notes
+    new = [f"{k} = {v!r}" for k, v in current.items()
+           if k.split(".")[0] in RESTORED_KEYS and k not in saved_config and not _is_resume_key(k)]
+    return fixes, notes, new
 
 
 def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | None = None,
@@ -301,25 +307,33 @@ def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | No
     keys = {_key(o) for o in steering}
     merged = [o for o in saved if _key(o) not in keys] + steering
     if saved_config is not None:
-        restored, notes = restore_changed_defaults(merged, saved_config, conf_dir)
+        restored, notes, added = restore_changed_defaults(merged, saved_config, conf_dir)
         if notes:
             print("Resuming with the run's own values where today's defaults differ:\n  "
                   + "\n  ".join(notes), file=sys.stderr)
+        if added:
+            print("Options added since this run was made take today's defaults (a resume may "
+                  "set them):\n  " + "\n  ".join(added), file=sys.stderr)
         merged += restored
     if not others:
         return merged
     base = _flat(_compose(merged, conf_dir))
-    conflicts = []
+    conflicts, allowed = [], []
     for o in others:
         try:
             changed = _flat(_compose([*merged, o], conf_dir))
         except Exception as err:  # noqa: BLE001 - reported to the user as a conflict
             conflicts.append(f"  {o}: {str(err).splitlines()[0]}")
             continue
-        diff = sorted(k for k in set(base) | set(changed) if base.get(k, "<absent>") != changed.get(k, "<absent>"))
+        changes = [k for k in set(base) | set(changed) if base.get(k, "<absent>") != changed.get(k, "<absent>")]
+        # options added since the run was made (in today's config, not in the run's) may be
+        # set; anything else must stay as the run had it (restating it is no conflict)
+        diff = sorted(k for k in changes if saved_config is None or k in saved_config or k not in base)
         if diff:
             shown = ", ".join(f"{k}: {base.get(k, '<absent>')!r} -> {changed.get(k, '<absent>')!r}" for k in diff[:3])
             conflicts.append(f"  {o}  ({shown}{' ...' if len(diff) > 3 else ''})")
+        elif changes:
+            allowed.append(o)
     if conflicts:
         raise ConfigError(
             "These overrides would change the configuration of the run being resumed:\n"
@@ -327,9 +341,9 @@ def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | No
             + "\nA resumed run keeps its own config (its .hydra/overrides.yaml: "
             + (" ".join(saved) or "none")
             + "). Drop them, or start a new run in another hydra.run.dir. A resume may change "
-            "only: " + ", ".join((*RESUME_KEYS, *rerun_keys))
+            "only: " + ", ".join((*RESUME_KEYS, *rerun_keys)) + ", and options added since the run was made"
         )
-    return merged
+    return merged + allowed
 
 
 def prepare_train_argv(argv: list[str], conf_dir: str | Path | None = None) -> list[str]:
