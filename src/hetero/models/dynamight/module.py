@@ -26,6 +26,7 @@ particle, ``half``, and the deformation RMSD / maximum (Å) by the particle's ow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,6 +53,16 @@ log = RankedLogger(__name__)
 
 GROUPS = ("encoder", "decoder", "consensus")
 
+
+
+def _weight(terms: Mapping, key: str, default: float) -> float:
+    """``loss.<key>``: a finite number >= 0 (a negative weight would reward what it penalises).
+
+    :raises ConfigError: anything else (named with the key)."""
+    value = terms.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"loss.{key} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 class DynaMight(HeteroModel):
     """DynaMight forward deformations; see the module docstring and ``conf/model/dynamight.yaml``
@@ -124,15 +135,15 @@ class DynaMight(HeteroModel):
         self.halves = torch.nn.ModuleList([HalfSetVAE(d, self.apix, zdim, n_gaussians, **vae) for _ in range(2)])
         terms = dict((loss or {}).items())
         self.regularizer = terms.get("geometric") or GeometricRegularization()
-        self.regularization_factor = float(terms.get("regularization_factor", 0.9))
-        self.regularization_floor = float(terms.get("regularization_floor", 5e-4))
+        self.regularization_factor = _weight(terms, "regularization_factor", 0.9)
+        self.regularization_floor = _weight(terms, "regularization_floor", 5e-4)
         norm = terms.get("regularization_norm", "per_batch")
         if norm not in ("per_batch", "accumulated"):
             shown = "null" if norm is None else repr(norm)
             raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
                               f"{shown}")
         self.regularization_norm = str(norm)
-        self.kl_beta = kl_weight(float(terms.get("kld_factor", 0.01)), d)
+        self.kl_beta = kl_weight(_weight(terms, "kld_factor", 0.01), d)
         warmup = terms.get("kld_warmup_epochs", 0)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ConfigError(f"loss.kld_warmup_epochs must be a whole number of epochs >= 0, got {warmup!r}")
