@@ -15,6 +15,7 @@ from omegaconf import open_dict
 
 from hetero.analysis.latents import CheckpointId
 from hetero.tasks.train import train
+from hetero.utils.errors import ConfigError
 from tests.helpers import (
     TINY_DATA,
     TINY_OPUSDSD,
@@ -69,6 +70,12 @@ def test_train_predict_and_resume(tmp_path):
         np.testing.assert_array_equal(split[key], split2[key])
     # Only best + last are kept on disk.
     assert {p.name for p in ckpts.iterdir()} == {"best.ckpt", "last.ckpt"}
+    # Resuming a run that has trained its epochs is refused before anything is overwritten.
+    before = {name: (tmp_path / name).read_bytes() for name in ("train_metrics.json", "config_resolved.yaml")}
+    for epochs in (2, 1):
+        with pytest.raises(ConfigError, match="has trained 2 epochs and trainer.max_epochs is"):
+            train(compose_train(tmp_path, [f"trainer.max_epochs={epochs}", "ckpt_path=last", *never]))
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
 
 
 def test_homogeneous_fit_improves_validation(tmp_path):

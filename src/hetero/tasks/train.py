@@ -115,8 +115,9 @@ def check_machine(cfg: DictConfig) -> int:
     return max(n, 1)
 
 
-def _read_resume_step(ckpt_path: str | None) -> int | None:
-    """The logger step a checkpoint resumes at (Lightning's ``_batches_that_stepped``)."""
+def _read_loop_state(ckpt_path: str | None) -> tuple[int, int | None] | None:
+    """``(logger step, epochs done)`` a checkpoint resumes at: Lightning's
+    ``_batches_that_stepped`` and the fit loop's processed epochs (``None`` if absent)."""
     if not ckpt_path:
         return None
     import torch
@@ -126,10 +127,28 @@ def _read_resume_step(ckpt_path: str | None) -> int | None:
     except RuntimeError:  # not a zip-format checkpoint
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     try:
-        loop = ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]
-        return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
+        fit = ckpt["loops"]["fit_loop"]
+        step = int(fit["epoch_loop.state_dict"].get("_batches_that_stepped", ckpt.get("global_step", 0)))
+    except (KeyError, TypeError, AttributeError):
+        return int(ckpt.get("global_step", 0)), None
+    try:
+        return step, int(fit["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
-        return int(ckpt.get("global_step", 0))
+        return step, None
+
+
+def _check_work_left(cfg: DictConfig, ckpt_path: str, epochs_done: int | None) -> None:
+    """Refuse to resume a run that has already trained ``trainer.max_epochs`` epochs: Lightning
+    would stop at once and the run's metrics and config would be overwritten with nothing new.
+
+    :raises ConfigError: naming the epochs done and what to pass."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if epochs_done is None or max_epochs is None or int(max_epochs) < 0 or epochs_done < int(max_epochs):
+        return
+    raise ConfigError(
+        f"{ckpt_path} has trained {epochs_done} epochs and trainer.max_epochs is {max_epochs}: nothing "
+        f"is left to train, so the run was left as it is. To train on, pass "
+        f"trainer.max_epochs={epochs_done + 10} (any number above {epochs_done}).")
 
 
 def _loggers(cfg: DictConfig, resume_step: int | None) -> list:
@@ -169,7 +188,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not ckpt_setting and _requeued():
         ckpt_setting = "auto"  # a requeued SLURM job (submitit launcher) continues its run
     ckpt_path = resolve_ckpt_path(ckpt_setting, output_dir)
+    loop_state = _read_loop_state(ckpt_path)
     if ckpt_path:
+        _check_work_left(cfg, ckpt_path, loop_state[1])
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -187,7 +208,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model = hydra.utils.instantiate(cfg.model, **info)
     callbacks = _callbacks(cfg)
-    loggers = _loggers(cfg, _read_resume_step(ckpt_path))
+    loggers = _loggers(cfg, None if loop_state is None else loop_state[0])
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
