@@ -340,8 +340,8 @@ def test_write_star_subset_round_trip(tmp_path, conformance_dir):
     sub = [4, 1, 3]
     out = write_star(tmp_path / "sub.star", table, indices=sub)
     back = read_particles(out)  # opens where it is written, no datadir
-    rel = os.path.relpath(conformance_dir / "relion31.mrcs", tmp_path)
-    assert back.rows["rlnImageName"].tolist() == [f"{i + 1:06d}@{rel}" for i in sub]
+    absolute = os.path.abspath(conformance_dir / "relion31.mrcs")  # RELION resolves against its cwd
+    assert back.rows["rlnImageName"].tolist() == [f"{i + 1:06d}@{absolute}" for i in sub]
     pd.testing.assert_frame_equal(back.optics, table.optics)
     assert _rotation_error(back.rotations, table.rotations[sub]) < 1e-6
     np.testing.assert_allclose(back.origins_px, table.origins_px[sub], atol=1e-9)
@@ -676,6 +676,10 @@ def test_subsets_open_where_they_are_written(tmp_path, conformance_dir, monkeypa
     assert read_star(inside).rows["rlnImageName"].tolist() == [
         "000001@Extract/job133/relion31.mrcs", "000003@Extract/job133/relion31.mrcs"]
     elsewhere = write_star(tmp_path / "elsewhere" / "c0.star", table, [0, 2])
+    # outside the project: absolute names, which RELION (relative names against the directory
+    # it runs in) opens from the project as well as from anywhere else
+    assert read_star(elsewhere).rows["rlnImageName"].tolist() == [f"000001@{stack}", f"000003@{stack}"]
+    monkeypatch.chdir(project)
     for out in (inside, elsewhere):
         back = read_particles(out)  # no datadir, any working directory
         assert back.image_paths.tolist() == [stack, stack]

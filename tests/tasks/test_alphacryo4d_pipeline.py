@@ -137,7 +137,7 @@ def test_subsets_are_relion_star_files_with_the_original_columns(pipeline_run):
         rows = star["particles"]
         idx = np.load(folder / f"{name}.npy")
         total += len(idx)
-        # the same images (names are rewritten relative to where the subset is written)
+        # the same images (names kept where they resolve, else absolute)
         assert list(star_file_keys(folder / f"{name}.star")) == list(table_keys(dm.table)[idx])
         assert set(dm.table.rows.columns) <= set(rows.columns)
     assert total == len(labels)

@@ -1,4 +1,4 @@
-"""Write particle subsets as RELION 3.1 STAR files that open where they are written.
+"""Write particle subsets as RELION 3.1 STAR files that open where they are written (and in RELION).
 
 :func:`write_star` keeps what the input said and replaces what the model changed:
 
@@ -9,8 +9,12 @@
   origin columns are rewritten from the arrays, the same way for 3.0 and 3.1 inputs;
 - image names open from the written file: a name is kept when it resolves, by the reader's own
   rule (:func:`hetero.data.io._paths.default_bases`: the star's folder, the working
-  directory, then every parent folder), to the same stack; otherwise it is written relative to
-  the output folder.
+  directory, then every parent folder), to the same stack (a subset written inside the RELION
+  project keeps RELION's project-relative names); otherwise it is written as an absolute path
+  (a table built from arrays, with no names of its own, gets names relative to the output
+  folder).
+  RELION resolves a relative name against the directory it runs in, not the star's, so a name
+  relative to the output folder would open in hetero but not in RELION.
 
 Example usage::
 
@@ -118,17 +122,21 @@ def _portable_names(
         if s is not None and os.path.normpath(resolved[s]) == os.path.normpath(p):
             chosen[(s, p)] = s
             continue
-        try:
-            chosen[(s, p)] = os.path.relpath(p, folder)
-        except ValueError:  # another drive (Windows)
-            chosen[(s, p)] = str(p)
-        rewritten += s is not None
+        if s is None:  # a table built from arrays (hetero's own stacks): relative to the file
+            try:
+                chosen[(s, p)] = os.path.relpath(p, folder)
+            except ValueError:  # another drive (Windows)
+                chosen[(s, p)] = os.path.abspath(p)
+            continue
+        chosen[(s, p)] = os.path.abspath(p)
+        rewritten += 1
     if rewritten and folder not in _NOTED_FOLDERS:
         # Once per output folder: a subset per cluster would otherwise repeat it K times.
         _NOTED_FOLDERS.add(folder)
         log.info(
-            f"Star files in {folder}: image names rewritten relative to this folder (the "
-            "input's names are relative to another place), so they open where they are written"
+            f"Star files in {folder}: image names written as absolute paths (the input's names "
+            "are relative to a folder that is not this one's, nor one above it), so RELION and "
+            "hetero open them from any directory"
         )
     return [f"{i + 1:06d}@{chosen[(s, p)]}" for i, s, p in zip(table.image_indices[idx], stacks, paths)]
 
