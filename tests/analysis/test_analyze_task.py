@@ -108,9 +108,11 @@ def test_analyze_fake_run(tmp_path):
 
 
 def test_analyze_rejects_too_many_clusters(tmp_path):
+    from hetero.utils.errors import ConfigError
+
     run, _ = make_run_dir(tmp_path, n_per_state=2)
     cfg = compose_analyze([f"run_dir={run}", "n_clusters=7", "umap.enabled=false"])
-    with pytest.raises(ValueError, match="n_clusters=7 is larger than the number of particles"):
+    with pytest.raises(ConfigError, match="n_clusters=7 is larger than the number of particles"):
         analyze(cfg)
 
 

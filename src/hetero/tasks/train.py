@@ -239,7 +239,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         write_json(output_dir / "train_metrics.json", metrics)
         log.info(f"Run directory: {output_dir}")
-        log.info(f"Next: python analyze.py run_dir={output_dir}")
+        if best:
+            log.info(f"Next: python analyze.py run_dir={output_dir}")
+        else:  # debug=fdr, or checkpointing switched off: nothing for analysis to load
+            log.info("No checkpoint was kept (a fast_dev_run or callbacks without checkpoints), so this run "
+                     "cannot be analysed")
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 

@@ -72,7 +72,7 @@ def clustering(ctx) -> None:
         return
     k = int(cfg.n_clusters)
     if k > n:
-        raise ValueError(f"n_clusters={k} is larger than the number of particles ({n})")
+        raise ConfigError(f"n_clusters={k} is larger than the number of particles ({n}); pass n_clusters={n} or fewer")
     fraction = check_options(cfg)
     task = ctx.progress.add_task(f"k-means (K={k})", total=None)
     min_size = max(1, math.ceil(fraction * n))
