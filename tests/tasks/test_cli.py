@@ -335,3 +335,25 @@ def test_ctrl_c_during_fit_is_a_keyboard_interrupt_again():
         with pytest.raises(SystemExit) as exit_:
             _fit(trainer(code, interrupted), None, None, None)
         assert exit_.value.code == code
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_config_error():
+    """ckpt_path=<another configuration's checkpoint>: torch's size-mismatch RuntimeError
+    becomes one message naming the checkpoint and what to do; other errors pass through."""
+    from types import SimpleNamespace
+
+    from hetero.tasks.train import _fit
+
+    def failing(error):
+        def fit(*args, **kwargs):
+            raise error
+        return SimpleNamespace(fit=fit, interrupted=False)
+
+    try:
+        torch.nn.Linear(4, 2).load_state_dict(torch.nn.Linear(3, 2).state_dict())
+    except RuntimeError as err:
+        mismatch = err
+    with pytest.raises(ConfigError, match=r"ckpt_path=old.ckpt does not fit this model \(size mismatch for weight"):
+        _fit(failing(mismatch), None, None, "old.ckpt")
+    with pytest.raises(RuntimeError, match="other"):
+        _fit(failing(RuntimeError("other")), None, None, "old.ckpt")

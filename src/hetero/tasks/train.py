@@ -250,7 +250,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
     """``trainer.fit``; Lightning's SIGTERM stop (an exit with status 0) becomes :class:`Preempted`,
     and its exit after Ctrl-C (``sys.exit(1)`` once it has shut down gracefully) a
-    :class:`KeyboardInterrupt` again, which the entry points end with status 130."""
+    :class:`KeyboardInterrupt` again, which the entry points end with status 130; a checkpoint
+    whose weights do not fit the model a :class:`ConfigError` (not a traceback)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
@@ -260,6 +261,14 @@ def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
     except SystemExit as err:
         if err.code == 1 and getattr(trainer, "interrupted", False):
             raise KeyboardInterrupt from None
+        raise
+    except RuntimeError as err:
+        if ckpt_path and "Error(s) in loading state_dict" in str(err):
+            detail = " ".join(str(err).split("\n")[1:2]).strip()
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} does not fit this model ({detail} ...): a checkpoint continues "
+                "the configuration it was trained with. Resume its own run with `python train.py "
+                "hydra.run.dir=<its run directory> ckpt_path=last`, or start without ckpt_path") from None
         raise
 
 
