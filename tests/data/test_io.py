@@ -379,7 +379,9 @@ def test_write_star_from_arrays_round_trip(tmp_path):
     table = _array_table(tmp_path)
     out = write_star(tmp_path / "out" / "built.star", table)
     text = out.read_text()
-    assert "data_optics" in text and "000005@../stacks/s1.mrcs" in text
+    assert "data_optics" in text and f"000005@{tmp_path / 'stacks' / 's1.mrcs'}" in text  # absolute
+    beside = write_star(tmp_path / "stacks" / "built.star", table)  # hetero's own stacks: relative
+    assert "000005@s1.mrcs" in beside.read_text()
     back = read_particles(out)
     assert back.extra["star_version"] == "3.1"
     assert back.image_paths.tolist() == table.image_paths.tolist()
@@ -679,11 +681,17 @@ def test_subsets_open_where_they_are_written(tmp_path, conformance_dir, monkeypa
     # outside the project: absolute names, which RELION (relative names against the directory
     # it runs in) opens from the project as well as from anywhere else
     assert read_star(elsewhere).rows["rlnImageName"].tolist() == [f"000001@{stack}", f"000003@{stack}"]
+    # written while the working directory is the project, a subset outside it still gets
+    # absolute names: what resolves only from the writer's working directory is not kept
     monkeypatch.chdir(project)
-    for out in (inside, elsewhere):
-        back = read_particles(out)  # no datadir, any working directory
-        assert back.image_paths.tolist() == [stack, stack]
-        np.testing.assert_array_equal(back.image_indices, [0, 2])
+    from_project = write_star(tmp_path / "scratch" / "c0.star", table, [0, 2])
+    assert read_star(from_project).rows["rlnImageName"].tolist() == [f"000001@{stack}", f"000003@{stack}"]
+    for cwd in (project, tmp_path / "elsewhere"):  # RELION's rule (the project) and a neutral folder
+        monkeypatch.chdir(cwd)
+        for out in (inside, elsewhere, from_project):
+            back = read_particles(out)  # no datadir
+            assert back.image_paths.tolist() == [stack, stack]
+            np.testing.assert_array_equal(back.image_indices, [0, 2])
 
 
 def test_write_star_carries_the_poses_in_use(tmp_path, conformance_dir):

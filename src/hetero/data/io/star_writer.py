@@ -10,9 +10,10 @@
 - image names open from the written file: a name is kept when it resolves, by the reader's own
   rule (:func:`hetero.data.io._paths.default_bases`: the star's folder, the working
   directory, then every parent folder), to the same stack (a subset written inside the RELION
-  project keeps RELION's project-relative names); otherwise it is written as an absolute path
-  (a table built from arrays, with no names of its own, gets names relative to the output
-  folder).
+  project keeps RELION's project-relative names); otherwise it is written as an absolute path.
+  The working directory does not count here, as the file may be opened from anywhere. A table
+  built from arrays (no names of its own) gets absolute names, except for stacks inside the
+  output folder (hetero's own data written beside its star file), which are named relative to it.
   RELION resolves a relative name against the directory it runs in, not the star's, so a name
   relative to the output folder would open in hetero but not in RELION.
 
@@ -115,28 +116,29 @@ def _portable_names(
     # One decision per (original stack name, stack path) pair.
     pairs = {(s, p) for s, p in zip(stacks, paths)}
     kept_names = [s for s, _ in pairs if s is not None]
-    resolved = resolve_names(kept_names, default_bases(out)) if kept_names else {}
+    # the output's folder and those above it, not the working directory: a name kept must
+    # resolve from the file itself, wherever it is later opened from
+    bases = [b for b in default_bases(out) if b == folder or b in folder.parents]
+    resolved = resolve_names(kept_names, bases) if kept_names else {}
     chosen: dict[tuple, str] = {}
     rewritten = 0
     for s, p in pairs:
         if s is not None and os.path.normpath(resolved[s]) == os.path.normpath(p):
             chosen[(s, p)] = s
             continue
-        if s is None:  # a table built from arrays (hetero's own stacks): relative to the file
-            try:
-                chosen[(s, p)] = os.path.relpath(p, folder)
-            except ValueError:  # another drive (Windows)
-                chosen[(s, p)] = os.path.abspath(p)
+        stack = Path(os.path.abspath(p))
+        if s is None and folder in stack.parents:  # hetero's own stack written beside the file
+            chosen[(s, p)] = stack.relative_to(folder).as_posix()
             continue
-        chosen[(s, p)] = os.path.abspath(p)
-        rewritten += 1
+        chosen[(s, p)] = str(stack)
+        rewritten += s is not None
     if rewritten and folder not in _NOTED_FOLDERS:
         # Once per output folder: a subset per cluster would otherwise repeat it K times.
         _NOTED_FOLDERS.add(folder)
         log.info(
             f"Star files in {folder}: image names written as absolute paths (the input's names "
-            "are relative to a folder that is not this one's, nor one above it), so RELION and "
-            "hetero open them from any directory"
+            "do not resolve from this folder or one above it), so RELION and hetero open them "
+            "from any directory"
         )
     return [f"{i + 1:06d}@{chosen[(s, p)]}" for i, s, p in zip(table.image_indices[idx], stacks, paths)]
 
