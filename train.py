@@ -22,6 +22,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from hetero.tasks.cli import main_with_resume
+    from hetero.tasks.resume import main_with_resume
 
     main_with_resume(main, CONF)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hetero.callbacks.loggers import ResumableCSVLogger, wandb_logger
-from hetero.tasks.cli import prepare_train_argv, resume_overrides
+from hetero.tasks.resume import prepare_train_argv, resume_overrides
 from hetero.tasks.train import check_machine, resolve_ckpt_path
 from hetero.utils.errors import ConfigError
 from tests.helpers import compose_train
@@ -198,7 +198,7 @@ def test_resume_restores_values_whose_defaults_changed_since_the_run(tmp_path, m
     """A run made when model=opusdsd meant the paper's settings keeps them when resumed."""
     from omegaconf import OmegaConf
 
-    from hetero.tasks.cli import _compose, _flat
+    from hetero.tasks.resume import _compose, _flat
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     then = ["model=opusdsd_cpu", "loss.tv.normalization=paper", "data.batch_size=32",
@@ -223,12 +223,13 @@ def test_resume_names_options_added_since_the_run_and_lets_them_be_set(tmp_path,
     option now defaults to 2.0 and may set it back to null; its other keys stay locked."""
     from omegaconf import OmegaConf, open_dict
 
-    from hetero.tasks.cli import _compose, _flat
+    from hetero.tasks.resume import _compose, _flat
 
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     then = _compose(["model=opusdsd_cpu"])
     with open_dict(then):
         del then.model["encoder_logstd_max"]
+        del then.trainer["gradient_clip_val"]
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(then))
@@ -241,6 +242,22 @@ def test_resume_names_options_added_since_the_run_and_lets_them_be_set(tmp_path,
         prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "model.zdim=4"])
     with pytest.raises(ConfigError, match="model.not_an_option"):  # a key no config has
         prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "+model.not_an_option=1"])
+    from hetero.tasks.resume import _added_since  # a value that became a group is not "added"
+    assert not _added_since("optim.scheduler.gamma", {"optim.scheduler": None})
+    assert _added_since("model.encoder_logstd_max", {"model.zdim": 8})
+    # only model/data/loss/... options are listed and may be set, not trainer ones
+    with pytest.raises(ConfigError, match="trainer.gradient_clip_val"):
+        prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.gradient_clip_val=100"])
+
+
+def test_a_run_directory_without_its_hydra_overrides_is_refused(tmp_path, monkeypatch):
+    """A run written with paths.output_dir (no .hydra/ beside it) cannot be resumed with its own
+    configuration: refused rather than resumed with today's defaults."""
+    monkeypatch.delenv("HETERO_PREEXISTING_RUN_DIR", raising=False)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds a run but no .hydra/overrides.yaml"):
+        prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last"])
 
 
 def test_an_input_error_inside_hydra_instantiate_prints_as_its_message(tmp_path, capsys, monkeypatch):
@@ -357,3 +374,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_config_error():
         _fit(failing(mismatch), None, None, "old.ckpt")
     with pytest.raises(RuntimeError, match="other"):
         _fit(failing(RuntimeError("other")), None, None, "old.ckpt")
+    own = failing(mismatch)
+    own.default_root_dir = "run"
+    with pytest.raises(ConfigError, match="it is this run's own checkpoint"):
+        _fit(own, None, None, "run/checkpoints/last.ckpt")

@@ -17,7 +17,7 @@ Run directory (``paths.output_dir``) after a run::
                             z_mu.npy (N, Z) in input order, z_logstd.npy, model extras such as
                             the memory bank, source.json (which checkpoint made them)
 
-Resume: ``python train.py hydra.run.dir=<run> ckpt_path=last`` (see :mod:`hetero.tasks.cli`).
+Resume: ``python train.py hydra.run.dir=<run> ckpt_path=last`` (see :mod:`hetero.tasks.resume`).
 A SIGTERM (what schedulers send) saves ``last.ckpt`` at the next batch boundary and ends the
 process with status 143 (:class:`~hetero.utils.errors.Preempted`).
 """
@@ -189,8 +189,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ckpt_setting = "auto"  # a requeued SLURM job (submitit launcher) continues its run
     ckpt_path = resolve_ckpt_path(ckpt_setting, output_dir)
     loop_state = _read_loop_state(ckpt_path)
-    if ckpt_path:
+    if ckpt_path and ckpt_setting != "auto":  # a requeued job still runs its post-fit steps
         _check_work_left(cfg, ckpt_path, loop_state[1])
+    if ckpt_path:
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -265,10 +266,14 @@ def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
     except RuntimeError as err:
         if ckpt_path and "Error(s) in loading state_dict" in str(err):
             detail = " ".join(str(err).split("\n")[1:2]).strip()
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} does not fit this model ({detail} ...): a checkpoint continues "
-                "the configuration it was trained with. Resume its own run with `python train.py "
-                "hydra.run.dir=<its run directory> ckpt_path=last`, or start without ckpt_path") from None
+            root = getattr(trainer, "default_root_dir", None)  # the run directory (paths.output_dir)
+            own = root is not None and Path(ckpt_path).resolve().is_relative_to(Path(root).resolve())
+            advice = ("it is this run's own checkpoint, so the model hetero builds from this configuration "
+                      "changed since it was saved: train a new run, or use the hetero version that made it"
+                      if own else "a checkpoint continues the configuration it was trained with. Resume its "
+                      "own run with `python train.py hydra.run.dir=<its run directory> ckpt_path=last`, or "
+                      "start without ckpt_path")
+            raise ConfigError(f"ckpt_path={ckpt_path} does not fit this model ({detail} ...): {advice}") from None
         raise
 
 
