@@ -68,10 +68,12 @@ def test_an_unknown_regularization_norm_is_refused():
 def test_loss_weights_must_be_finite_and_not_negative(key):
     """A negative regularization_factor made lambda negative (rewarding distortion) and inf
     stopped training two epochs later as a 'non-finite gradient': both are refused up front."""
-    for bad in (-1.0, float("inf"), "abc", None, True):
-        with pytest.raises(ConfigError, match=f"loss.{key} must be a finite number >= 0"):
+    floor = key == "regularization_floor"  # divides the data gradient norm: must be > 0
+    for bad in (-1.0, float("inf"), "abc", None, True, *((0,) if floor else ())):
+        with pytest.raises(ConfigError, match=f"loss.{key} must be a finite number {'>' if floor else '>='} 0"):
             small_model(loss={key: bad})
-    assert getattr(small_model(loss={key: 0}), key if key != "kld_factor" else "kl_beta") == 0
+    if not floor:
+        assert getattr(small_model(loss={key: 0}), key if key != "kld_factor" else "kl_beta") == 0
 
 
 def test_kl_weight_is_constant_or_ramps_from_zero_after_warm_up():

@@ -310,6 +310,6 @@ def test_encoder_log_sigma_is_bounded_so_its_exp_cannot_overflow():
         assert torch.isfinite(out["total"])
         out["total"].backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    for bad in (math.inf, "abc", True):
-        with pytest.raises(ConfigError, match="model.encoder_logstd_max must be a finite number or null"):
+    for bad in (math.inf, "abc", True, -1.0):
+        with pytest.raises(ConfigError, match="model.encoder_logstd_max must be a finite number >= 0"):
             tiny_model(encoder_logstd_max=bad)

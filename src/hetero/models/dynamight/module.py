@@ -54,15 +54,17 @@ log = RankedLogger(__name__)
 GROUPS = ("encoder", "decoder", "consensus")
 
 
-
-def _weight(terms: Mapping, key: str, default: float) -> float:
-    """``loss.<key>``: a finite number >= 0 (a negative weight would reward what it penalises).
+def _weight(terms: Mapping, key: str, default: float, positive: bool = False) -> float:
+    """``loss.<key>``: a finite number >= 0 (a negative weight would reward what it penalises),
+    or > 0 with ``positive`` (a divisor's floor).
 
     :raises ConfigError: anything else (named with the key)."""
     value = terms.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"loss.{key} must be a finite number >= 0, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ConfigError(f"loss.{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
+
 
 class DynaMight(HeteroModel):
     """DynaMight forward deformations; see the module docstring and ``conf/model/dynamight.yaml``
@@ -136,7 +138,7 @@ class DynaMight(HeteroModel):
         terms = dict((loss or {}).items())
         self.regularizer = terms.get("geometric") or GeometricRegularization()
         self.regularization_factor = _weight(terms, "regularization_factor", 0.9)
-        self.regularization_floor = _weight(terms, "regularization_floor", 5e-4)
+        self.regularization_floor = _weight(terms, "regularization_floor", 5e-4, positive=True)
         norm = terms.get("regularization_norm", "per_batch")
         if norm not in ("per_batch", "accumulated"):
             shown = "null" if norm is None else repr(norm)

@@ -215,8 +215,9 @@ class OpusDSD(HeteroModel):
         self.snr_reset_each_epoch = bool(snr_reset_each_epoch)
         bound = encoder_logstd_max
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
-                                  or not math.isfinite(bound)):
-            raise ConfigError(f"model.encoder_logstd_max must be a finite number or null, got {bound!r}")
+                                  or not math.isfinite(bound) or bound < 0):
+            raise ConfigError(f"model.encoder_logstd_max must be a finite number >= 0 (0: sigma at most "
+                              f"the prior's) or null, got {bound!r}")
         self.encoder_logstd_max = None if bound is None else float(bound)
         sx, sy = frequency_grid_2d(self.box_size, 1.0)
         self.register_buffer("freq2", sx**2 + sy**2, persistent=False)
