@@ -2,7 +2,7 @@
 
 All options live in ``conf/`` (see ``python train.py --help``); the work is done by
 :func:`hetero.tasks.train.run`. Resume a run with ``python train.py hydra.run.dir=<run dir>
-ckpt_path=last`` (its own config is restored; see :mod:`hetero.tasks.cli`).
+ckpt_path=last`` (its own config is restored; see :mod:`hetero.tasks.resume`).
 """
 
 from pathlib import Path

@@ -677,6 +677,9 @@ def test_subsets_open_where_they_are_written(tmp_path, conformance_dir, monkeypa
     inside = write_star(project / "hetero" / "run" / "analysis" / "subsets" / "c0.star", table, [0, 2])
     assert read_star(inside).rows["rlnImageName"].tolist() == [
         "000001@Extract/job133/relion31.mrcs", "000003@Extract/job133/relion31.mrcs"]
+    (tmp_path / "link").symlink_to(project)  # a project reached through a symlink (HPC /home -> /gpfs)
+    linked = write_star(tmp_path / "link" / "hetero" / "run" / "c0.star", table, [0, 2])
+    assert read_star(linked).rows["rlnImageName"].tolist()[0] == "000001@Extract/job133/relion31.mrcs"
     elsewhere = write_star(tmp_path / "elsewhere" / "c0.star", table, [0, 2])
     # outside the project: absolute names, which RELION (relative names against the directory
     # it runs in) opens from the project as well as from anywhere else

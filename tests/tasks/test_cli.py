@@ -244,6 +244,7 @@ def test_resume_names_options_added_since_the_run_and_lets_them_be_set(tmp_path,
         prepare_train_argv([f"hydra.run.dir={run}", "ckpt_path=last", "+model.not_an_option=1"])
     from hetero.tasks.resume import _added_since  # a value that became a group is not "added"
     assert not _added_since("optim.scheduler.gamma", {"optim.scheduler": None})
+    assert not _added_since("optim.scheduler", {"optim.scheduler.gamma": 0.1})
     assert _added_since("model.encoder_logstd_max", {"model.zdim": 8})
     # only model/data/loss/... options are listed and may be set, not trainer ones
     with pytest.raises(ConfigError, match="trainer.gradient_clip_val"):

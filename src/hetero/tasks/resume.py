@@ -149,10 +149,13 @@ def restore_changed_defaults(merged: list[str], saved_config: dict[str, object],
 
 def _added_since(key: str, saved_config: dict[str, object]) -> bool:
     """``key`` is an option of :data:`RESTORED_KEYS` that the run's config lacks, and so does
-    every key above it (a value that became a group of options is a change, not an addition)."""
+    every key above and below it (a value that became a group of options, or a group that
+    became a value, is a change, not an addition)."""
     parts = key.split(".")
+    below = key + "."
     return (parts[0] in RESTORED_KEYS and not _is_resume_key(key)
-            and not any(".".join(parts[:i]) in saved_config for i in range(1, len(parts) + 1)))
+            and not any(".".join(parts[:i]) in saved_config for i in range(1, len(parts) + 1))
+            and not any(k.startswith(below) for k in saved_config))  # nor a group that became a value
 
 
 def resume_overrides(saved: list[str], new: list[str], conf_dir: str | Path | None = None,

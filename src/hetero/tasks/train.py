@@ -189,7 +189,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ckpt_setting = "auto"  # a requeued SLURM job (submitit launcher) continues its run
     ckpt_path = resolve_ckpt_path(ckpt_setting, output_dir)
     loop_state = _read_loop_state(ckpt_path)
-    if ckpt_path and ckpt_setting != "auto":  # a requeued job still runs its post-fit steps
+    if ckpt_path and not (ckpt_setting == "auto" and _requeued()):  # a requeued job still runs its post-fit steps
         _check_work_left(cfg, ckpt_path, loop_state[1])
     if ckpt_path:
         log.info(f"Resuming from {ckpt_path}")
@@ -268,8 +268,9 @@ def _fit(trainer, model, datamodule, ckpt_path: str | None) -> None:
             detail = " ".join(str(err).split("\n")[1:2]).strip()
             root = getattr(trainer, "default_root_dir", None)  # the run directory (paths.output_dir)
             own = root is not None and Path(ckpt_path).resolve().is_relative_to(Path(root).resolve())
-            advice = ("it is this run's own checkpoint, so the model hetero builds from this configuration "
-                      "changed since it was saved: train a new run, or use the hetero version that made it"
+            advice = ("it is this run's own checkpoint, so the model built from this configuration changed "
+                      "since it was saved (an option set on this resume, or a newer hetero): drop that "
+                      "option, use the hetero version that made the run, or train a new run"
                       if own else "a checkpoint continues the configuration it was trained with. Resume its "
                       "own run with `python train.py hydra.run.dir=<its run directory> ckpt_path=last`, or "
                       "start without ckpt_path")

@@ -110,7 +110,7 @@ def _portable_names(
     table: ParticleTable, idx: np.ndarray, names: Sequence[str] | None, out: Path
 ) -> list[str]:
     """``rlnImageName`` for rows ``idx`` that resolves, from ``out``, to the table's stacks."""
-    folder = out.parent.resolve()
+    folder = Path(os.path.abspath(out)).parent  # not resolve(): the bases below are not resolved either
     paths = table.image_paths[idx]
     stacks = [str(n).partition("@")[2] for n in names] if names is not None else [None] * len(idx)
     # One decision per (original stack name, stack path) pair.
@@ -123,7 +123,7 @@ def _portable_names(
     chosen: dict[tuple, str] = {}
     rewritten = 0
     for s, p in pairs:
-        if s is not None and os.path.normpath(resolved[s]) == os.path.normpath(p):
+        if s is not None and os.path.realpath(resolved[s]) == os.path.realpath(p):  # same file, links followed
             chosen[(s, p)] = s
             continue
         stack = Path(os.path.abspath(p))
