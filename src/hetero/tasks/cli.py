@@ -25,19 +25,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from hetero.tasks.resume import (  # noqa: F401 - the resume API, re-exported where it used to live
-    _PREEXISTING_ENV,
-    RESUME_KEYS,
-    STARTED_MARKER,
-    _restore_resumed_config,
-    main_with_resume,
-    prepare_train_argv,
-    resume_overrides,
-)
+from hetero.tasks.resume import _PREEXISTING_ENV, STARTED_MARKER, _restore_resumed_config
 from hetero.utils.errors import HeteroError, user_message
 
-__all__ = ["RESUME_KEYS", "find_user_error", "is_user_error", "main_with_resume", "prepare_train_argv",
-           "run_task", "resume_overrides"]
+__all__ = ["find_user_error", "is_user_error", "run_task"]
 
 _USER_ERRORS = (
     ("hetero.data.io.errors", "InputError"),

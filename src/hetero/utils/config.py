@@ -1,7 +1,9 @@
-"""Config helpers for tasks: printing, instantiating dicts of objects, silencing warnings."""
+"""Config helpers: printing, instantiating dicts of objects, checking numeric options, silencing
+warnings."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -10,6 +12,24 @@ from omegaconf import DictConfig, OmegaConf
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
+
+
+def checked_number(value, key: str, *, positive: bool = False, integer: bool = False,
+                   unit: str = "", hint: str = "") -> float | int:
+    """A numeric option as given: finite, ``>= 0`` (``> 0`` with ``positive``), a whole number
+    with ``integer`` (``unit`` names it: ``"of epochs"``); booleans and strings are refused.
+
+    :raises ConfigError: naming ``key``, what it must be (plus ``hint``) and the value given.
+    """
+    from hetero.utils.errors import ConfigError
+
+    kind = int if integer else int | float
+    ok = (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+          and (value > 0 if positive else value >= 0))
+    if not ok:
+        what = f"a whole number{' ' + unit if unit else ''}" if integer else "a finite number"
+        raise ConfigError(f"{key} must be {what} {'> 0' if positive else '>= 0'}{hint}, got {value!r}")
+    return value if integer else float(value)
 
 
 def instantiate_dict(cfg: DictConfig | None, what: str) -> list:

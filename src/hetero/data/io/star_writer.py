@@ -7,11 +7,11 @@
 - the poses are the table's: when ``rotations`` / ``origins_px`` differ from the rows' Euler
   angles / origins (poses replaced from a cryoDRGN pickle, refined by a model), the angle and
   origin columns are rewritten from the arrays, the same way for 3.0 and 3.1 inputs;
-- image names open from the written file: a name is kept when it resolves, by the reader's own
-  rule (:func:`hetero.data.io._paths.default_bases`: the star's folder, the working
-  directory, then every parent folder), to the same stack (a subset written inside the RELION
-  project keeps RELION's project-relative names); otherwise it is written as an absolute path.
-  The working directory does not count here, as the file may be opened from anywhere. A table
+- image names open from the written file: a name is kept when it resolves from the output's
+  folder or one above it (the reader's rule, :func:`hetero.data.io._paths.default_bases`,
+  without the working directory, as the file may be opened from anywhere) to the same stack
+  (a subset written inside the RELION project keeps RELION's project-relative names);
+  otherwise it is written as an absolute path. A table
   built from arrays (no names of its own) gets absolute names, except for stacks inside the
   output folder (hetero's own data written beside its star file), which are named relative to it.
   RELION resolves a relative name against the directory it runs in, not the star's, so a name
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hetero.data.io._paths import default_bases, resolve_names
+from hetero.data.io._paths import resolve_names
 from hetero.data.io.errors import InputError
 from hetero.data.io.star import _ANGLE_COLUMNS, _OPTICS_COLUMNS
 from hetero.data.particles import ParticleTable
@@ -116,10 +116,9 @@ def _portable_names(
     # One decision per (original stack name, stack path) pair.
     pairs = {(s, p) for s, p in zip(stacks, paths)}
     kept_names = [s for s, _ in pairs if s is not None]
-    # the output's folder and those above it, not the working directory: a name kept must
-    # resolve from the file itself, wherever it is later opened from
-    bases = [b for b in default_bases(out) if b == folder or b in folder.parents]
-    resolved = resolve_names(kept_names, bases) if kept_names else {}
+    # the output's folder and those above it (the reader's bases without the working
+    # directory): a name kept must resolve from the file itself, wherever it is opened from
+    resolved = resolve_names(kept_names, [folder, *folder.parents]) if kept_names else {}
     chosen: dict[tuple, str] = {}
     rewritten = 0
     for s, p in pairs:

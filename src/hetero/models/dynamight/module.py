@@ -26,7 +26,6 @@ particle, ``half``, and the deformation RMSD / maximum (Å) by the particle's ow
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,24 +45,13 @@ from hetero.models.opusdsd.module import _plain
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.gaussians import centered_to_rfft
 from hetero.physics.masks import circular_mask
+from hetero.utils.config import checked_number
 from hetero.utils.errors import ConfigError
 from hetero.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__)
 
 GROUPS = ("encoder", "decoder", "consensus")
-
-
-def _weight(terms: Mapping, key: str, default: float, positive: bool = False) -> float:
-    """``loss.<key>``: a finite number >= 0 (a negative weight would reward what it penalises),
-    or > 0 with ``positive`` (a divisor's floor).
-
-    :raises ConfigError: anything else (named with the key)."""
-    value = terms.get(key, default)
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or value < 0 or (positive and value == 0)):
-        raise ConfigError(f"loss.{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
 
 
 class DynaMight(HeteroModel):
@@ -137,19 +125,19 @@ class DynaMight(HeteroModel):
         self.halves = torch.nn.ModuleList([HalfSetVAE(d, self.apix, zdim, n_gaussians, **vae) for _ in range(2)])
         terms = dict((loss or {}).items())
         self.regularizer = terms.get("geometric") or GeometricRegularization()
-        self.regularization_factor = _weight(terms, "regularization_factor", 0.9)
-        self.regularization_floor = _weight(terms, "regularization_floor", 5e-4, positive=True)
+        # a negative weight would reward what it penalises; the floor divides
+        self.regularization_factor = checked_number(terms.get("regularization_factor", 0.9), "loss.regularization_factor")
+        self.regularization_floor = checked_number(terms.get("regularization_floor", 5e-4), "loss.regularization_floor",
+                                                   positive=True)
         norm = terms.get("regularization_norm", "per_batch")
         if norm not in ("per_batch", "accumulated"):
             shown = "null" if norm is None else repr(norm)
             raise ConfigError(f"loss.regularization_norm must be per_batch or accumulated, got "
                               f"{shown}")
         self.regularization_norm = str(norm)
-        self.kl_beta = kl_weight(_weight(terms, "kld_factor", 0.01), d)
-        warmup = terms.get("kld_warmup_epochs", 0)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ConfigError(f"loss.kld_warmup_epochs must be a whole number of epochs >= 0, got {warmup!r}")
-        self.kld_warmup_epochs = warmup
+        self.kl_beta = kl_weight(checked_number(terms.get("kld_factor", 0.01), "loss.kld_factor"), d)
+        self.kld_warmup_epochs = checked_number(terms.get("kld_warmup_epochs", 0), "loss.kld_warmup_epochs",
+                                                integer=True, unit="of epochs")
         self.noise_whitening = bool(terms.get("noise_whitening", True))
         self.schedule = schedule or DynaMightSchedule()
         self.cfg = dict(

@@ -30,7 +30,6 @@ encoder/decoder convolutions follow ``trainer.precision`` (e.g. ``bf16-mixed``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,7 +51,7 @@ from hetero.models.opusdsd.poses import HEALPIX_NSIDE16_DEG, neighbour_rotations
 from hetero.physics.ctf import ctf_table_compute
 from hetero.physics.fourier import fft2_centered, fourier_crop_2d, frequency_grid_2d, ifft2_centered
 from hetero.physics.masks import circular_mask
-from hetero.utils.errors import ConfigError
+from hetero.utils.config import checked_number
 
 TERM_NAMES = ("reconstruction", "kl", "disentanglement", "tv", "l1")
 
@@ -213,12 +212,8 @@ class OpusDSD(HeteroModel):
         self.update_bank_on_val = bool(update_bank_on_val)
         self.encoder_phase_flip = bool(encoder_phase_flip)
         self.snr_reset_each_epoch = bool(snr_reset_each_epoch)
-        bound = encoder_logstd_max
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
-                                  or not math.isfinite(bound) or bound < 0):
-            raise ConfigError(f"model.encoder_logstd_max must be a finite number >= 0 (0: sigma at most "
-                              f"the prior's) or null, got {bound!r}")
-        self.encoder_logstd_max = None if bound is None else float(bound)
+        self.encoder_logstd_max = None if encoder_logstd_max is None else checked_number(
+            encoder_logstd_max, "model.encoder_logstd_max", hint=" (0: sigma at most the prior's) or null")
         sx, sy = frequency_grid_2d(self.box_size, 1.0)
         self.register_buffer("freq2", sx**2 + sy**2, persistent=False)
         mask = None if recon_mask_radius is None else circular_mask(self.box_size, recon_mask_radius * self.box_size / 2)
